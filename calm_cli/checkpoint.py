@@ -1,0 +1,287 @@
+"""Reading and writing checkpoints: the authors' Hugging Face layout and our own.
+
+The authors' files need a few rules (see tests/test_checkpoint.py for one test each):
+- a CALM file carries the whole autoencoder as `ae_model.*`; without it the autoencoder
+  comes from `ae_path` (resolved against the model directory, not the working directory)
+  or from an explicit `ae=` path;
+- an autoencoder-only file drops `decoder.lm_head_weight` (tied): we re-tie it;
+- `generative_head.*` duplicates `mlp_generator.*`: either or both may be present;
+- `.bin` files are read with `torch.load(weights_only=True)` only.
+Our own layout (`save_model`) is one directory: config.json with the autoencoder config
+embedded as `ae_config`, one model.safetensors, tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .autoencoder import Autoencoder
+from .config import AutoencoderConfig, CALMConfig, config_from_dict, config_to_dict, read_json
+from .errors import CalmError, UsageError
+from .model import CALM
+from tokenizers import Tokenizer
+
+from .tokenizer import load_tokenizer, vocab_size as tokenizer_vocab_size
+
+TIED_AE_KEY = "decoder.lm_head_weight"
+
+
+def read_state_dict(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """All tensors of a checkpoint directory, and the format they came in."""
+    single = directory / "model.safetensors"
+    if single.exists():
+        return _load_safetensors(single), "safetensors"
+    for index_name, kind in (("model.safetensors.index.json", "safetensors-sharded"), ("pytorch_model.bin.index.json", "bin-sharded")):
+        index = directory / index_name
+        if index.exists():
+            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+            if not shards:
+                raise CalmError(f"{index}: no weight_map")
+            tensors: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                path = directory / shard
+                tensors.update(_load_safetensors(path) if shard.endswith(".safetensors") else _load_bin(path))
+            return tensors, kind
+    bin_file = directory / "pytorch_model.bin"
+    if bin_file.exists():
+        return _load_bin(bin_file), "bin"
+    raise CalmError(f"{directory}: no model.safetensors, pytorch_model.bin or shard index found")
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CalmError(f"{path}: cannot read safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CalmError(f"{path}: refused: the pickle needs code to load (only plain tensors are accepted)") from None
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise CalmError(f"{path}: cannot read PyTorch file ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CalmError(f"{path}: not a state dict of tensors")
+    return data
+
+
+def _strip(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def infer_ae_config(tensors: dict[str, torch.Tensor], base: dict[str, Any]) -> AutoencoderConfig:
+    """Autoencoder shape read off its tensors; eps and token ids from `base` (its own config.json)."""
+    try:
+        vocab, hidden = tensors["encoder.embed_tokens.weight"].shape
+        shape = {
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "patch_size": tensors["encoder.squeeze_layer.weight"].shape[1] // hidden,
+            "latent_size": tensors["decoder.latent_to_hidden.weight"].shape[1],
+            "intermediate_size": tensors["encoder.encoder_layers.0.mlp.gate_proj.weight"].shape[0],
+            "num_encoder_layers": len({k.split(".")[2] for k in tensors if k.startswith("encoder.encoder_layers.")}),
+            "num_decoder_layers": len({k.split(".")[2] for k in tensors if k.startswith("decoder.decoder_layers.")}),
+        }
+    except KeyError as exc:
+        raise CalmError(f"autoencoder weights lack tensor {exc.args[0]}") from None
+    return config_from_dict(AutoencoderConfig, {**base, **shape}, "autoencoder config")
+
+
+def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy tensors into `module`, naming the first missing, unexpected or misshapen tensor."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    if missing:
+        raise CalmError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing)")
+    if unexpected:
+        raise CalmError(f"{source}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} unexpected)")
+    for k, v in tensors.items():
+        if own[k].shape != v.shape:
+            raise CalmError(f"{source}: tensor '{k}' has shape {list(v.shape)}, the config needs {list(own[k].shape)}")
+    module.load_state_dict(tensors, strict=True)
+
+
+def _autoencoder_from_tensors(ae_tensors: dict[str, torch.Tensor], base: dict[str, Any], source: str) -> Autoencoder:
+    config = infer_ae_config(ae_tensors, base)
+    ae = Autoencoder(config)
+    tied = ae_tensors.pop(TIED_AE_KEY, None)
+    untie = tied is not None and not torch.equal(tied, ae_tensors["encoder.embed_tokens.weight"])
+    if untie:
+        ae.decoder.lm_head_weight = nn.Parameter(tied.clone())
+    load_weights(_WithoutTiedHead(ae), ae_tensors, source)
+    return ae
+
+
+class _WithoutTiedHead(nn.Module):
+    """A view of an Autoencoder whose state dict omits the tied output matrix."""
+
+    def __init__(self, ae: Autoencoder) -> None:
+        super().__init__()
+        self.ae = ae
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+        return {k: v for k, v in self.ae.state_dict().items() if k != TIED_AE_KEY}
+
+    def load_state_dict(self, state, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        return self.ae.load_state_dict(state, strict=False)
+
+
+def _resolve(path_str: str, directory: Path) -> Path:
+    path = Path(path_str).expanduser()
+    return path if path.is_absolute() else (directory / path).resolve()
+
+
+def load_autoencoder(path: str | os.PathLike, *, device=None, dtype=None, tokenizer: str | None = None) -> Autoencoder:
+    """An autoencoder-only directory, or the autoencoder inside a CALM directory."""
+    directory = _check_dir(path)
+    config = read_json(directory / "config.json")
+    if _is_calm(config):
+        return load_model(directory, device=device, dtype=dtype, tokenizer=tokenizer).ae_model
+    tensors, _ = read_state_dict(directory)
+    ae = _autoencoder_from_tensors(tensors, config, str(directory))
+    ae.tokenizer = _find_tokenizer(directory, tokenizer, ae.config.vocab_size)
+    return _place(ae, device, dtype)
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    ae: str | None = None,
+    tokenizer: str | None = None,
+) -> CALM:
+    """Load a CALM checkpoint (the authors' layout or ours) ready for inference."""
+    directory = _check_dir(path)
+    raw = read_json(directory / "config.json")
+    if not _is_calm(raw):
+        raise CalmError(f"{directory}: config.json describes an autoencoder, not a CALM model (use calm encode/decode)")
+    config = config_from_dict(CALMConfig, raw, str(directory / "config.json"))
+    tensors, fmt = read_state_dict(directory)
+    ae_tensors = _strip("ae_model.", tensors)
+    ae_base: dict[str, Any] = dict(raw.get("ae_config") or {})
+    ae_dir = Path(ae).expanduser() if ae else (_resolve(config.ae_path, directory) if config.ae_path else None)
+    if ae_dir is not None and (ae or not ae_tensors):
+        if not (ae_dir / "config.json").exists():
+            raise CalmError(f"autoencoder directory {ae_dir} not found (set --ae PATH)")
+        ae_base = read_json(ae_dir / "config.json")
+        ae_tensors, _ = read_state_dict(ae_dir)
+    elif ae_dir is not None and (ae_dir / "config.json").exists() and not ae_base:
+        ae_base = read_json(ae_dir / "config.json")
+    if not ae_tensors:
+        raise CalmError(f"{directory}: no ae_model.* tensors and no autoencoder found (set --ae PATH)")
+    autoencoder = _autoencoder_from_tensors(ae_tensors, ae_base, f"{directory} (autoencoder)")
+
+    head = _strip("generative_head.", tensors) or _strip("mlp_generator.", tensors)
+    calm_tensors = {k: v for k, v in tensors.items() if k.split(".")[0] in ("transformer", "embed_proj")}
+    calm_tensors.update({f"generative_head.{k}": v for k, v in head.items()})
+    model = CALM(config, autoencoder.config)
+    model.ae_model = autoencoder
+    load_weights(_WithoutAutoencoder(model), calm_tensors, str(directory))
+    if autoencoder.config.patch_size != config.patch_size or autoencoder.config.latent_size != config.latent_size:
+        raise CalmError(
+            f"{directory}: autoencoder has patch_size {autoencoder.config.patch_size}, latent_size "
+            f"{autoencoder.config.latent_size}; the model needs {config.patch_size}, {config.latent_size}"
+        )
+    model.tokenizer = _find_tokenizer(directory, tokenizer, config.vocab_size, ae_dir)
+    model.source_format = fmt
+    return _place(model, device, dtype)
+
+
+class _WithoutAutoencoder(nn.Module):
+    def __init__(self, model: CALM) -> None:
+        super().__init__()
+        self.model = model
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+        return {k: v for k, v in self.model.state_dict().items() if not k.startswith("ae_model.")}
+
+    def load_state_dict(self, state, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        return self.model.load_state_dict(state, strict=False)
+
+
+def _is_calm(config: dict[str, Any]) -> bool:
+    return "num_hidden_layers" in config or "EnergyTransformer" in (config.get("architectures") or [])
+
+
+def _check_dir(path: str | os.PathLike) -> Path:
+    directory = Path(path).expanduser()
+    if not directory.exists():
+        raise UsageError(f"{directory}: no such model directory")
+    if not directory.is_dir():
+        raise UsageError(f"{directory}: not a directory")
+    if not (directory / "config.json").exists():
+        raise CalmError(f"{directory}: no config.json")
+    return directory
+
+
+def _find_tokenizer(directory: Path, explicit: str | None, vocab_size: int, fallback: Path | None = None) -> Tokenizer | None:
+    candidates = [Path(explicit).expanduser()] if explicit else [directory / "tokenizer.json"]
+    if not explicit and fallback is not None:
+        candidates.append(fallback / "tokenizer.json")
+    for candidate in candidates:
+        if candidate.exists():
+            tok = load_tokenizer(candidate)
+            if tokenizer_vocab_size(tok) > vocab_size:
+                raise CalmError(f"{candidate}: tokenizer has {tokenizer_vocab_size(tok)} tokens but the model's vocabulary is {vocab_size}")
+            return tok
+    if explicit:
+        raise UsageError(f"{explicit}: no such tokenizer file")
+    return None
+
+
+def _place(module, device, dtype):
+    module.eval().requires_grad_(False)
+    return module.to(device=device, dtype=dtype)
+
+
+def save_model(model: CALM, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write our layout atomically: build in a temporary sibling directory, then rename."""
+    target = Path(directory).expanduser()
+    config = config_to_dict(model.config)
+    config.pop("ae_path", None)
+    config["architectures"] = ["EnergyTransformer"]
+    config["ae_config"] = config_to_dict(model.ae_config)
+    state = {}
+    for k, v in model.state_dict().items():
+        if k == f"ae_model.{TIED_AE_KEY}" and v.data_ptr() == model.ae_model.encoder.embed_tokens.weight.data_ptr():
+            continue
+        state[k] = (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
+    config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    write_directory(target, config, state, getattr(model, "tokenizer", None))
+    return target
+
+
+def write_directory(target: Path, config: dict[str, Any], state: dict[str, torch.Tensor], tokenizer: Tokenizer | None) -> None:
+    """Config, weights and tokenizer into `target`, replacing it only once everything is written."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(str(tmp / "tokenizer.json"))
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,29 @@
+"""Tokenizer helpers around `tokenizers.Tokenizer` (the model's `.tokenizer` is one of those)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from .errors import CalmError
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust side raises plain Exception subclasses
+        raise CalmError(f"{path}: cannot read tokenizer ({str(exc).splitlines()[0]})") from None
+
+
+def vocab_size(tokenizer: Tokenizer) -> int:
+    return tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids; with special tokens the post-processor prepends BOS, as Llama-3's does."""
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+
+def decode(tokenizer: Tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
