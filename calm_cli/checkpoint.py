@@ -285,3 +285,45 @@ def write_directory(target: Path, config: dict[str, Any], state: dict[str, torch
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """save_file to a temporary name in the same directory, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """What `calm info` prints: the config, K, parameter counts per part, dtype and file format."""
+    directory = _check_dir(path)
+    raw = read_json(directory / "config.json")
+    if not _is_calm(raw):
+        ae = load_autoencoder(directory)
+        return {
+            "path": str(directory), "kind": "autoencoder", "patch_size (K)": ae.config.patch_size,
+            "parameters": {"autoencoder": sum(p.numel() for p in ae.parameters())},
+            "config": config_to_dict(ae.config),
+        }
+    model = load_model(directory)
+    fmt = getattr(model, "source_format", "?")
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    counts = model.parameter_counts()
+    return {
+        "path": str(directory),
+        "kind": "calm",
+        "patch_size (K)": model.config.patch_size,
+        "file format": fmt,
+        "dtype": ",".join(dtypes),
+        "parameters": {**counts, "total": sum(counts.values())},
+        "config": config_to_dict(model.config),
+        "autoencoder config": config_to_dict(model.ae_config),
+        "tokenizer": "tokenizer.json" if model.tokenizer is not None else "none",
+    }

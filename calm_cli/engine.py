@@ -1,0 +1,215 @@
+"""Next-vector decoding: prefill the prompt's chunks, then one backbone step per K tokens.
+
+A step is: backbone hidden state -> generative head draws -> autoencoder decodes each draw
+to K tokens by argmax -> the temperature rule picks one chunk per row -> it is fed back.
+The KV cache is allocated once per call. Prompts in a batch are left-padded to the same
+number of chunks; padding slots are masked out and positions count real chunks only.
+
+Prompts whose length is not a multiple of K: the authors right-pad with PAD, a token the
+model never saw in training. We instead prefill the prompt's whole chunks and keep the
+r < K leftover tokens; the first generated chunk is drawn from a pool of candidates kept
+only where their first r tokens equal the leftover (rejection sampling from the model's
+own distribution conditioned on that prefix). When no candidate in the pool matches, we
+take the candidate whose decoder gives the leftover the highest log-probability. Prompts
+shorter than one chunk are left-padded with EOS to one chunk ("a previous document ended
+here"), the only context of that kind the model can have seen.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UsageError
+from .model import CALM
+from .sampling import SamplingStats, select_from_pool, temperature_sample
+
+LEFTOVER_POOL = 64
+
+
+@dataclass
+class GenerationSettings:
+    max_tokens: int = 128
+    temperature: float = 0.5
+    num_samples: int = 200
+    sampler: str = "approx"
+    seed: int | None = None
+
+
+@dataclass
+class StepOutput:
+    """New token ids per row from one step (empty for rows already finished)."""
+
+    tokens: list[list[int]]
+    finished: list[bool]
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: list[int] = field(default_factory=list)
+    completion_tokens: list[int] = field(default_factory=list)
+    steps: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    sampling: SamplingStats = field(default_factory=SamplingStats)
+
+
+class Engine:
+    """Owns a CALM model on one device; `stream` yields tokens chunk by chunk."""
+
+    def __init__(self, model: CALM, compile: bool = False) -> None:
+        self.model = model
+        self.config = model.config
+        self.k = model.config.patch_size
+        self.device = next(model.parameters()).device
+        self.eos = model.config.eos_token_id
+        self.pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        self._step = torch.compile(model.step, dynamic=True) if compile else model.step
+
+    def draw_fn(self, hidden: torch.Tensor, generator: torch.Generator | None) -> Callable[..., torch.Tensor]:
+        """The black-box sampler the temperature rules see: n fresh chunks for the given rows."""
+        head, ae = self.model.generative_head, self.model.ae_model
+
+        def draw(n: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+            h = hidden if rows is None else hidden[rows]
+            return ae.decode_tokens(head.sample(h, n, generator=generator))
+
+        return draw
+
+    @torch.inference_mode()
+    def stream(
+        self, prompts: list[list[int]], settings: GenerationSettings, stats: GenerationStats | None = None
+    ) -> Iterator[StepOutput]:
+        """Yield one StepOutput per decode step until every row has finished or hit max_tokens."""
+        if not prompts:
+            return
+        stats = stats if stats is not None else GenerationStats()
+        k, device = self.k, self.device
+        prompts = [p if len(p) >= k else [self.eos] * (k - len(p)) + p for p in prompts]
+        chunks = [len(p) // k for p in prompts]
+        leftovers = [p[c * k :] for p, c in zip(prompts, chunks)]
+        width = max(chunks)
+        max_steps = -(-(settings.max_tokens + k - 1) // k)
+        limit = self.config.max_position_embeddings
+        if width >= limit:
+            raise UsageError(f"prompt is {max(len(p) for p in prompts)} tokens; the model's context is {limit * k} tokens")
+        max_steps = min(max_steps, limit - width)
+        batch = len(prompts)
+        ids = torch.full((batch, width * k), self.pad, dtype=torch.long)
+        valid = torch.zeros(batch, width, dtype=torch.bool)
+        for i, (p, c) in enumerate(zip(prompts, chunks)):
+            ids[i, (width - c) * k :] = torch.tensor(p[: c * k])
+            valid[i, width - c :] = True
+        ids, valid = ids.to(device), valid.to(device)
+        offsets = width - valid.sum(1)
+        positions = (torch.arange(width, device=device) - offsets[:, None]).clamp(min=0)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(settings.seed if settings.seed is not None else torch.seed())
+        stats.prompt_tokens = [len(p) for p in prompts]
+
+        t0 = time.perf_counter()
+        cache = self.model.new_cache(batch, width + max_steps)
+        cache.valid[:, :width] = valid
+        hidden = self._step(ids, cache, 0, positions)[:, -1]
+        stats.prefill_s = time.perf_counter() - t0
+
+        produced = [0] * batch
+        done = [False] * batch
+        t0 = time.perf_counter()
+        for step in range(max_steps):
+            if any(leftovers) and step == 0:
+                chunk, skip = self._first_chunk(hidden, leftovers, settings, generator)
+            else:
+                draw = self.draw_fn(hidden, generator)
+                chunk = temperature_sample(
+                    draw, settings.temperature, method=settings.sampler, num_samples=settings.num_samples,
+                    generator=generator, stats=stats.sampling,
+                )
+                skip = [0] * batch
+            rows = chunk.tolist()
+            out: list[list[int]] = []
+            for i, row in enumerate(rows):
+                if done[i]:
+                    out.append([])
+                    continue
+                new = row[skip[i] :]
+                if self.eos is not None and self.eos in new:
+                    new = new[: new.index(self.eos)]
+                    done[i] = True
+                new = [t for t in new if t != self.pad][: settings.max_tokens - produced[i]]
+                produced[i] += len(new)
+                done[i] = done[i] or produced[i] >= settings.max_tokens
+                out.append(new)
+            stats.steps = step + 1
+            stats.completion_tokens = list(produced)
+            stats.decode_s = time.perf_counter() - t0
+            if step + 1 == max_steps:
+                done = [True] * batch
+            yield StepOutput(out, list(done))
+            if all(done):
+                break
+            cache.valid[:, width + step] = True
+            hidden = self._step(chunk, cache, width + step, (positions[:, -1:] + step + 1))[:, -1]
+
+    def _first_chunk(
+        self, hidden: torch.Tensor, leftovers: list[list[int]], settings: GenerationSettings, generator: torch.Generator
+    ) -> tuple[torch.Tensor, list[int]]:
+        """First chunk conditioned on each row's leftover prompt tokens (see the module docstring)."""
+        k, batch = self.k, hidden.shape[0]
+        pool = max(settings.num_samples, LEFTOVER_POOL)
+        head, ae = self.model.generative_head, self.model.ae_model
+        latents = head.sample(hidden, pool, generator=generator)
+        logits = ae.decoder(latents.unsqueeze(-2)).float()
+        candidates = logits.argmax(-1)
+        prefix = torch.full((batch, k), -1, dtype=torch.long, device=hidden.device)
+        for i, left in enumerate(leftovers):
+            prefix[i, : len(left)] = torch.tensor(left, dtype=torch.long)
+        fixed = prefix >= 0
+        match = ((candidates == prefix[:, None]) | ~fixed[:, None]).all(-1)
+        logp = F.log_softmax(logits, -1).gather(-1, prefix.clamp(min=0)[:, None, :, None].expand(-1, pool, -1, -1))[..., 0]
+        best = (logp * fixed[:, None]).sum(-1).argmax(-1)
+        none = ~match.any(-1)
+        match[none] = F.one_hot(best[none], pool).bool()
+        chosen = select_from_pool(candidates, match, settings.temperature, generator=generator)
+        chosen = torch.where(fixed, prefix, chosen)
+        return chosen, [len(left) for left in leftovers]
+
+
+def check_settings(settings: GenerationSettings) -> None:
+    if settings.max_tokens < 1:
+        raise UsageError("--max-tokens must be at least 1")
+    if not 0.0 <= settings.temperature <= 1.0:
+        raise UsageError(f"--temp must be in [0, 1], got {settings.temperature}")
+    if settings.num_samples < 1:
+        raise UsageError("--samples must be at least 1")
+    if settings.sampler not in ("approx", "exact"):
+        raise UsageError(f"--sampler must be 'approx' or 'exact', got '{settings.sampler}'")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{name}'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    return device
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype '{name}' (use fp32, bf16 or fp16)")
+    return DTYPES[name]
+

@@ -1,0 +1,128 @@
+"""The real `calm` entry point, in subprocesses: output, JSON reports and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import calm_command, run_calm
+
+MODEL = "tests/fixtures/official-tiny/calm"
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(monkeypatch, fixtures):
+    monkeypatch.chdir(fixtures.parent.parent.parent)
+
+
+def test_generate_json_report():
+    r = run_calm("generate", "Hello world, this is", "-m", MODEL, "-n", "16", "--temp", "1", "--seed", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["completion_tokens"] == 16 and report["steps"] == 4
+    assert report["finish_reason"] == "length" and report["tokens_per_s"] > 0
+    assert r.stderr == ""
+
+
+def test_generate_seed_repeatable_and_stdin():
+    a = run_calm("generate", "-", "-m", MODEL, "-n", "12", "--temp", "1", "--seed", "7", input="Once upon")
+    b = run_calm("generate", "-m", MODEL, "-n", "12", "--temp", "1", "--seed", "7", input="Once upon")
+    assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.strip()
+
+
+def test_echo_prints_prompt_first():
+    r = run_calm("generate", "The cat", "-m", MODEL, "-n", "8", "--temp", "1", "--seed", "1", "--echo")
+    assert r.returncode == 0 and r.stdout.startswith("The cat")
+
+
+def test_short_prompt_and_empty_prompt_work():
+    for prompt in ("a", ""):
+        r = run_calm("generate", prompt, "-m", MODEL, "-n", "8", "--temp", "1", "--seed", "1", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["completion_tokens"] == 8
+
+
+def test_info_json():
+    r = run_calm("info", MODEL, "--json")
+    facts = json.loads(r.stdout)
+    assert facts["patch_size (K)"] == 4 and facts["parameters"]["total"] > 0 and facts["file format"] == "safetensors"
+
+
+def test_encode_decode_roundtrip(tmp_path):
+    text = "The quick brown fox jumps over the lazy dog."
+    out = tmp_path / "z.safetensors"
+    r = run_calm("encode", text, "-m", MODEL, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    tensors = load_file(str(out))
+    assert tensors["mean"].shape[1] == 16 and tensors["mean"].shape[0] == tensors["input_ids"].numel() // 4
+    lines = run_calm("encode", text, "-m", MODEL).stdout.splitlines()
+    assert len(lines) == tensors["mean"].shape[0]
+    assert torch.allclose(torch.tensor(json.loads(lines[0])["mean"]), tensors["mean"][0], atol=1e-6)
+    decoded_file = run_calm("decode", str(out), "-m", MODEL)
+    decoded_lines = run_calm("decode", "-", "-m", MODEL, input="\n".join(lines))
+    assert decoded_file.returncode == 0 and decoded_lines.returncode == 0
+    assert decoded_file.stdout.strip() and decoded_file.stdout.strip() in decoded_lines.stdout
+    rt = json.loads(run_calm("encode", "--roundtrip", text, "-m", MODEL).stdout)
+    assert rt["tokens"] == tensors["input_ids"].numel() - (-rt["tokens"] % 4) and 0 <= rt["accuracy"] <= 1
+
+
+def test_convert_then_generate_same_output(tmp_path):
+    dst = tmp_path / "converted"
+    assert run_calm("convert", "tests/fixtures/official-tiny/calm-bin", str(dst)).returncode == 0
+    args = ["generate", "Some text here", "-n", "12", "--temp", "1", "--seed", "5"]
+    assert run_calm(*args, "-m", str(dst)).stdout == run_calm(*args, "-m", MODEL).stdout
+
+
+@pytest.mark.parametrize(
+    "args,code,needle",
+    [
+        (["generate", "x", "-m", "/no/such/dir"], 2, "no such model directory"),
+        (["generate", "x", "-m", MODEL, "--temp", "1.5"], 2, "--temp"),
+        (["generate", "x", "-m", MODEL, "--temp", "-0.1"], 2, "--temp"),
+        (["generate", "x", "-m", MODEL, "--max-tokens", "0"], 2, "--max-tokens"),
+        (["generate", "x", "-m", MODEL, "--sampler", "magic"], 2, "--sampler"),
+        (["generate", "x", "-m", MODEL, "--dtype", "int3"], 2, "dtype"),
+        (["generate", "x", "-m", MODEL, "--max-tokens", "lots"], 2, "lots"),
+        (["generate", "x", "-m", "tests/fixtures/official-tiny/autoencoder"], 1, "autoencoder"),
+        (["decode", "/no/file.safetensors", "-m", MODEL], 2, "no such file"),
+        (["frobnicate"], 2, "frobnicate"),
+    ],
+)
+def test_errors_are_one_line(args, code, needle):
+    r = run_calm(*args)
+    assert r.returncode == code, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
+
+
+def test_corrupt_checkpoint_is_runtime_error(tmp_path, fixtures):
+    import shutil
+
+    d = tmp_path / "bad"
+    shutil.copytree(fixtures / "calm", d)
+    (d / "model.safetensors").chmod(0o644)
+    (d / "model.safetensors").write_bytes(b"garbage")
+    r = run_calm("generate", "x", "-m", str(d))
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "safetensors" in r.stderr
+
+
+def test_prompt_longer_than_context_is_a_usage_error():
+    r = run_calm("generate", "word " * 1200, "-m", MODEL, "-n", "4")
+    assert r.returncode == 2 and "context" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_debug_shows_traceback():
+    r = run_calm("--debug", "generate", "x", "-m", "/no/such/dir")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_closed_pipe_is_quiet():
+    proc = subprocess.run(
+        " ".join(calm_command()) + f" generate 'Hello there' -m {MODEL} -n 400 --temp 1 | head -c 20",
+        shell=True, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "Error" not in proc.stderr
