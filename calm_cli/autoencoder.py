@@ -84,6 +84,7 @@ class Autoencoder(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config, self.encoder.embed_tokens.weight)
+        self.tokenizer = None
 
     @property
     def patch_size(self) -> int:

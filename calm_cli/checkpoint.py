@@ -150,7 +150,9 @@ def load_autoencoder(path: str | os.PathLike, *, device=None, dtype=None, tokeni
     directory = _check_dir(path)
     config = read_json(directory / "config.json")
     if _is_calm(config):
-        return load_model(directory, device=device, dtype=dtype, tokenizer=tokenizer).ae_model
+        model = load_model(directory, device=device, dtype=dtype, tokenizer=tokenizer)
+        model.ae_model.tokenizer = model.tokenizer
+        return model.ae_model
     tensors, _ = read_state_dict(directory)
     ae = _autoencoder_from_tensors(tensors, config, str(directory))
     ae.tokenizer = _find_tokenizer(directory, tokenizer, ae.config.vocab_size)

@@ -172,9 +172,10 @@ class Engine:
         match = ((candidates == prefix[:, None]) | ~fixed[:, None]).all(-1)
         logp = F.log_softmax(logits, -1).gather(-1, prefix.clamp(min=0)[:, None, :, None].expand(-1, pool, -1, -1))[..., 0]
         best = (logp * fixed[:, None]).sum(-1).argmax(-1)
-        none = ~match.any(-1)
-        match[none] = F.one_hot(best[none], pool).bool()
-        chosen = select_from_pool(candidates, match, settings.temperature, generator=generator)
+        fallback = candidates[torch.arange(batch, device=hidden.device), best]
+        found = match.any(-1, keepdim=True)
+        chosen = select_from_pool(candidates, settings.temperature, generator=generator, valid=match | ~found)
+        chosen = torch.where(found, chosen, fallback)
         chosen = torch.where(fixed, prefix, chosen)
         return chosen, [len(left) for left in leftovers]
 

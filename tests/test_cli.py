@@ -86,7 +86,7 @@ def test_convert_then_generate_same_output(tmp_path):
         (["generate", "x", "-m", MODEL, "--max-tokens", "0"], 2, "--max-tokens"),
         (["generate", "x", "-m", MODEL, "--sampler", "magic"], 2, "--sampler"),
         (["generate", "x", "-m", MODEL, "--dtype", "int3"], 2, "dtype"),
-        (["generate", "x", "-m", MODEL, "--max-tokens", "lots"], 2, "lots"),
+        (["generate", "x", "-m", MODEL, "--max-tokens", "lots"], 2, "--max-tokens"),
         (["generate", "x", "-m", "tests/fixtures/official-tiny/autoencoder"], 1, "autoencoder"),
         (["decode", "/no/file.safetensors", "-m", MODEL], 2, "no such file"),
         (["frobnicate"], 2, "frobnicate"),

@@ -1,0 +1,121 @@
+"""`calm bench` end to end, the baseline engine's cache parity, and compiled against eager decoding."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from calm_cli.baseline import TokenTransformer, save_baseline
+from calm_cli.baseline_engine import TokenEngine
+from calm_cli.bench import PRESETS, BenchOptions, Decoder, Subject, check_options, preset_configs
+from calm_cli.config import CALMConfig
+from calm_cli.engine import GenerationSettings
+from calm_cli.errors import UsageError
+from calm_cli.model import CALM
+from calm_cli.tokenizer import load_tokenizer
+from helpers import run_calm
+
+NUMBERS = ("prefill_tok_s", "decode_tok_s", "vector_steps_s", "ttft_ms", "step_ms_p50", "step_ms_p95", "peak_mem_mb", "bandwidth_gbs")
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_bench_json_on_tiny_preset():
+    r = run_calm(
+        "bench", "--preset", "tiny", "--K", "2,4", "-b", "1,2", "-p", "8", "-n", "8", "-r", "2", "--threads", "1", "--json",
+        "--peak-gbs", "20",
+    )
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    rows = report["rows"]
+    assert sorted((row["kind"], row["K"], row["batch"]) for row in rows) == [
+        ("baseline", 1, 1), ("baseline", 1, 2), ("calm", 2, 1), ("calm", 2, 2), ("calm", 4, 1), ("calm", 4, 2)
+    ]
+    for row in rows:
+        assert all(_positive(row[key]) for key in NUMBERS), row
+        assert 0 < row["bandwidth_frac"] < 10 and row["new_tokens"] == 8 and row["prompt_tokens"] == 8
+        assert row["decode_tok_s"] == pytest.approx(row["vector_steps_s"] * row["batch"] * row["K"], rel=1e-3)
+        if row["kind"] == "calm":
+            assert _positive(row["speedup_vs_baseline"])
+    assert report["peak_mem_kind"].startswith("rss_high_water") and all(m["load_s"] >= 0 for m in report["models"])
+
+
+def test_bench_markdown_and_usage_errors():
+    r = run_calm("bench", "--preset", "tiny", "-p", "4", "-n", "8", "-r", "1", "--threads", "1", "--md")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("| kind | K | batch |") and "| calm | 4 | 1 |" in r.stdout
+    for args in (["--K", "x"], ["--preset", "huge"]):
+        bad = run_calm("bench", *args)
+        assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, (args, bad.stderr)
+    for options in (BenchOptions(new_tokens=4), BenchOptions(temperatures=[2.0]), BenchOptions(batches=[0])):
+        with pytest.raises(UsageError):
+            check_options(options)
+
+
+def _tiny_baseline(eos: int | None = None) -> TokenTransformer:
+    torch.manual_seed(0)
+    config = CALMConfig(vocab_size=512, patch_size=1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, eos_token_id=eos, pad_token_id=2)
+    return TokenTransformer(config).eval().requires_grad_(False)
+
+
+def test_token_engine_greedy_equals_full_forward_argmax():
+    model = _tiny_baseline()
+    prompts = [[5, 9, 33, 7, 100, 21], [40, 2, 17]]  # different lengths: the second is left-padded
+    steps = list(TokenEngine(model).stream(prompts, GenerationSettings(max_tokens=12, temperature=0.0, seed=1)))
+    assert len(steps) == 12
+    with torch.inference_mode():
+        for row, prompt in enumerate(prompts):
+            seq = list(prompt)
+            for step in steps:
+                (token,) = step.tokens[row]
+                assert model(torch.tensor([seq]))[0, -1].argmax().item() == token
+                seq.append(token)
+
+
+def test_generate_with_a_baseline_directory(tmp_path, fixtures):
+    model = _tiny_baseline()
+    model.tokenizer = load_tokenizer(fixtures / "tokenizer.json")
+    save_baseline(model, tmp_path / "baseline")
+    r = run_calm("generate", "Hello there", "-m", str(tmp_path / "baseline"), "-n", "6", "--temp", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["completion_tokens"] == 6 and report["steps"] == 6 and report["finish_reason"] == "length"
+
+
+def _decode_tokens(decoder: Decoder, ids: torch.Tensor, steps: int, temperature: float) -> list:
+    generator = torch.Generator().manual_seed(123)
+    cache = decoder.model.new_cache(ids.shape[0], ids.shape[1] // decoder.k + steps)
+    cache.valid[:, : ids.shape[1] // decoder.k] = True
+    with torch.inference_mode():
+        tokens = decoder.sample(decoder.forward(ids, cache, 0), temperature, generator)
+        out = [tokens.tolist()]
+        for slot in range(ids.shape[1] // decoder.k, ids.shape[1] // decoder.k + steps - 1):
+            cache.valid[:, slot] = True
+            tokens = decoder.sample(decoder.forward(tokens, cache, slot), temperature, generator)
+            out.append(tokens.tolist())
+    return out
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and not os.environ.get("CALM_TEST_COMPILE"),
+    reason="torch.compile takes about a minute of CPU here (inductor builds C++); runs with CUDA or CALM_TEST_COMPILE=1",
+)
+def test_compiled_decode_gives_the_eager_tokens():
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    with device:
+        model = CALM(*preset_configs(PRESETS["tiny"], 4)).eval().requires_grad_(False)
+    subject = Subject("calm", 4, model, 0.0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), device=device)
+    for temperature in (1.0, 0.5):
+        options = BenchOptions(num_samples=32)
+        eager = _decode_tokens(Decoder(subject, options), ids, 6, temperature)
+        compiled = _decode_tokens(Decoder(subject, BenchOptions(num_samples=32, compile=True)), ids, 6, temperature)
+        assert compiled == eager
