@@ -27,7 +27,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -102,7 +102,7 @@ def check_options(options: BenchOptions) -> None:
     if options.prompt_tokens < 1 or options.repetitions < 1 or options.num_samples < 1:
         raise UsageError("-p, -r and --samples must be at least 1")
     if options.new_tokens <= max(options.ks):
-        raise UsageError(f"-n must be more than K ({max(options.ks)}): the first chunk comes from the prefill, decode steps follow")
+        raise UsageError(f"-n must be more than K ({max(options.ks)}): the first chunk comes from the prefill, steps follow")
     if options.sampler not in ("approx", "exact"):
         raise UsageError(f"--sampler must be 'approx' or 'exact', got '{options.sampler}'")
     if options.peak_gbs is not None and options.peak_gbs <= 0:
@@ -120,14 +120,13 @@ def parse_list(text: str, kind: type, flag: str) -> list:
     return values
 
 
-@contextlib.contextmanager
-def _build_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
-    """Create parameters on `device` in `dtype` directly: no float32 copy on the host first."""
+def _build(device: torch.device, dtype: torch.dtype, cls: Callable[..., Any], *args: Any) -> Any:
+    """cls(*args) with its parameters created on `device` in `dtype` directly: no float32 copy on the host first."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with device:
-            yield
+            return cls(*args)
     finally:
         torch.set_default_dtype(previous)
 
@@ -151,49 +150,46 @@ def _timed(kind: str, k: int, make: Callable[[], CALM | TokenTransformer]) -> Su
 
 
 def preset_subjects(name: str, ks: list[int], device: torch.device, dtype: torch.dtype) -> list[Callable[[], Subject]]:
-    """Builders of random-weight models, called one at a time so only one model is in memory."""
+    """Builders of random-weight models, called one at a time so that one model at a time is in memory."""
     if name not in PRESETS:
         raise UsageError(f"unknown preset '{name}' (choose from {', '.join(PRESETS)})")
     preset = PRESETS[name]
-
-    def build(make: Callable[[], Any]) -> Any:
-        with _build_on(device, dtype):
-            return make()
-
-    base = dataclasses.replace(preset_configs(preset, 1)[0], patch_size=1)
-    makers = [lambda: _timed("baseline", 1, lambda: build(lambda: TokenTransformer(base)))]
-    for k in ks:
-        makers.append(lambda k=k: _timed("calm", k, lambda: build(lambda: CALM(*preset_configs(preset, k)))))
+    base, _ = preset_configs(preset, 1)
+    makers = [lambda: _timed("baseline", 1, lambda: _build(device, dtype, TokenTransformer, base))]
+    makers += [lambda k=k: _timed("calm", k, lambda: _build(device, dtype, CALM, *preset_configs(preset, k))) for k in ks]
     return makers
 
 
 def checkpoint_subjects(
     model_dir: Path, baseline_dir: Path | None, device: torch.device, dtype: torch.dtype
 ) -> list[Callable[[], Subject]]:
-    """A saved CALM (its own K) and a baseline: `baseline_dir`, else random weights with its backbone."""
+    """A saved CALM (its own K) and a baseline: `baseline_dir`, else random weights with the CALM's backbone."""
     for directory in (model_dir, baseline_dir):
         if directory is not None and not (directory / "config.json").is_file():
             raise UsageError(f"{directory}: no config.json (not a model directory)")
     raw = read_json(model_dir / "config.json")
     if is_baseline(raw):
+        if baseline_dir is not None:
+            raise UsageError("--model is already a token-level baseline; --baseline goes with a CALM model")
         return [lambda: _timed("baseline", 1, lambda: load_baseline(model_dir, device=device, dtype=dtype))]
     config = config_from_dict(CALMConfig, raw, str(model_dir / "config.json"))
-    calm = lambda: _timed("calm", config.patch_size, lambda: load_model(model_dir, device=device, dtype=dtype))  # noqa: E731
-    if baseline_dir is not None:
-        return [calm, lambda: _timed("baseline", 1, lambda: load_baseline(baseline_dir, device=device, dtype=dtype))]
-    base = dataclasses.replace(config, patch_size=1)
 
-    def random_baseline() -> TokenTransformer:
-        with _build_on(device, dtype):
-            return TokenTransformer(base)
+    def baseline() -> TokenTransformer:
+        if baseline_dir is not None:
+            return load_baseline(baseline_dir, device=device, dtype=dtype)
+        return _build(device, dtype, TokenTransformer, dataclasses.replace(config, patch_size=1))
 
-    return [calm, lambda: _timed("baseline", 1, random_baseline)]
+    return [
+        lambda: _timed("calm", config.patch_size, lambda: load_model(model_dir, device=device, dtype=dtype)),
+        lambda: _timed("baseline", 1, baseline),
+    ]
 
 
 def decode_weight_bytes(model: CALM | TokenTransformer) -> int:
     """Bytes of the weights one decode step reads (see the module docstring); tied tensors count once."""
     if isinstance(model, CALM):
-        parts = [model.transformer.layers, model.transformer.norm, model.embed_proj, model.generative_head, model.ae_model.decoder]
+        parts = [model.transformer.layers, model.transformer.norm, model.embed_proj, model.generative_head,
+                 model.ae_model.decoder]
     else:
         parts = [model.transformer.layers, model.transformer.norm, model.lm_head]
     sizes = {p.data_ptr(): p.numel() * p.element_size() for part in parts for p in part.parameters()}
@@ -259,7 +255,7 @@ class Decoder:
         self.is_calm = isinstance(subject.model, CALM)
         forward = _calm_next if self.is_calm else next_logits
         self._forward = torch.compile(forward, dynamic=True) if options.compile else forward
-        self._draw = torch.compile(_draw_chunks, dynamic=True) if options.compile else _draw_chunks
+        self._draw = torch.compile(_draw_chunks, dynamic=True) if options.compile and self.is_calm else _draw_chunks
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         """Hidden state (CALM) or logits (baseline) after the last new input, [B, ...]."""
@@ -325,7 +321,8 @@ def measure(decoder: Decoder, batch: int, temperature: float, options: BenchOpti
     prompt = math.ceil(options.prompt_tokens / k) * k
     steps = math.ceil(options.new_tokens / k)
     cpu = torch.Generator().manual_seed(options.seed)
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=cpu).to(device)
+    with torch.inference_mode():  # like the tokens fed back later, so compiled graphs see one kind of tensor
+        ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=cpu).to(device)
     peak.reset()
     t0 = time.perf_counter()
     run_once(decoder, ids, steps, temperature, options.seed)
@@ -349,7 +346,7 @@ def measure(decoder: Decoder, batch: int, temperature: float, options: BenchOpti
         "bandwidth_gbs": bandwidth, "bandwidth_frac": bandwidth / options.peak_gbs if options.peak_gbs else None,
         "warmup_s": warmup_s,
     }
-    return {key: round(v, 4) if isinstance(v, float) else v for key, v in row.items()}
+    return {key: float(f"{v:.5g}") if isinstance(v, float) else v for key, v in row.items()}
 
 
 def _hardware(device: torch.device) -> str:

@@ -46,7 +46,8 @@ def summary(report: dict[str, Any]) -> str:
     """One line on what was measured and where; model build/load times, which the rows exclude."""
     loads = ", ".join(f"{m['kind']} K={m['K']} {m['load_s']:.2f}s" for m in report["models"])
     return (
-        f"{report['source']} · {report['hardware']} · {report['device']} {report['dtype']} · {report['threads']} threads · "
+        f"{report['source']} · {report['hardware']} · {report['device']} {report['dtype']} · "
+        f"{report['threads']} threads · "
         f"compile {'on' if report['compile'] else 'off'} · {report['repetitions']} runs after warm-up · "
         f"peak memory: {report['peak_mem_kind']} · load (not timed in rows): {loads}"
     )

@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from .engine import Engine, GenerationSettings, GenerationStats, check_settings
+from .baseline_engine import make_engine
+from .engine import GenerationSettings, GenerationStats, check_settings
 from .errors import CalmError, UsageError
 from .generation import stream_text
 from .model import CALM
@@ -199,7 +200,7 @@ class ChatSession:
         if model.tokenizer is None:
             raise CalmError(f"{path}: the model has no tokenizer.json")
         self.model_path = path
-        self.engine = Engine(model)
+        self.engine = make_engine(model)
         self.tokenizer = model.tokenizer
 
     @property

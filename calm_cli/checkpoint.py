@@ -170,6 +170,8 @@ def load_model(
     """Load a CALM checkpoint (the authors' layout or ours) ready for inference."""
     directory = _check_dir(path)
     raw = read_json(directory / "config.json")
+    if "TokenTransformer" in (raw.get("architectures") or []):
+        raise CalmError(f"{directory}: a token-level baseline, not a CALM model (load it with calm_cli.baseline.load_baseline)")
     if not _is_calm(raw):
         raise CalmError(f"{directory}: config.json describes an autoencoder, not a CALM model (use calm encode/decode)")
     config = config_from_dict(CALMConfig, raw, str(directory / "config.json"))
@@ -217,7 +219,10 @@ class _WithoutAutoencoder(nn.Module):
 
 
 def _is_calm(config: dict[str, Any]) -> bool:
-    return "num_hidden_layers" in config or "EnergyTransformer" in (config.get("architectures") or [])
+    architectures = config.get("architectures") or []
+    if "TokenTransformer" in architectures:
+        return False
+    return "num_hidden_layers" in config or "EnergyTransformer" in architectures
 
 
 def _check_dir(path: str | os.PathLike) -> Path:
@@ -307,6 +312,16 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     """What `calm info` prints: the config, K, parameter counts per part, dtype and file format."""
     directory = _check_dir(path)
     raw = read_json(directory / "config.json")
+    if "TokenTransformer" in (raw.get("architectures") or []):
+        from .baseline import load_baseline
+
+        baseline = load_baseline(directory)
+        counts = baseline.parameter_counts()
+        return {
+            "path": str(directory), "kind": "baseline (token-level)", "patch_size (K)": 1,
+            "parameters": {**counts, "total": sum(counts.values())},
+            "config": config_to_dict(baseline.config),
+        }
     if not _is_calm(raw):
         ae = load_autoencoder(directory)
         return {

@@ -19,7 +19,9 @@ from calm_cli.model import CALM
 from calm_cli.tokenizer import load_tokenizer
 from helpers import run_calm
 
-NUMBERS = ("prefill_tok_s", "decode_tok_s", "vector_steps_s", "ttft_ms", "step_ms_p50", "step_ms_p95", "peak_mem_mb", "bandwidth_gbs")
+NUMBERS = (
+    "prefill_tok_s", "decode_tok_s", "vector_steps_s", "ttft_ms", "step_ms_p50", "step_ms_p95", "peak_mem_mb", "bandwidth_gbs"
+)
 
 
 def _positive(value) -> bool:
@@ -28,8 +30,8 @@ def _positive(value) -> bool:
 
 def test_bench_json_on_tiny_preset():
     r = run_calm(
-        "bench", "--preset", "tiny", "--K", "2,4", "-b", "1,2", "-p", "8", "-n", "8", "-r", "2", "--threads", "1", "--json",
-        "--peak-gbs", "20",
+        "bench", "--preset", "tiny", "--K", "2,4", "-b", "1,2", "-p", "8", "-n", "8", "-r", "2",
+        "--threads", "1", "--device", "cpu", "--json", "--peak-gbs", "20",
     )
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
@@ -47,7 +49,7 @@ def test_bench_json_on_tiny_preset():
 
 
 def test_bench_markdown_and_usage_errors():
-    r = run_calm("bench", "--preset", "tiny", "-p", "4", "-n", "8", "-r", "1", "--threads", "1", "--md")
+    r = run_calm("bench", "--preset", "tiny", "-p", "4", "-n", "8", "-r", "1", "--threads", "1", "--device", "cpu", "--md")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("| kind | K | batch |") and "| calm | 4 | 1 |" in r.stdout
     for args in (["--K", "x"], ["--preset", "huge"]):
@@ -83,7 +85,9 @@ def test_generate_with_a_baseline_directory(tmp_path, fixtures):
     model = _tiny_baseline()
     model.tokenizer = load_tokenizer(fixtures / "tokenizer.json")
     save_baseline(model, tmp_path / "baseline")
-    r = run_calm("generate", "Hello there", "-m", str(tmp_path / "baseline"), "-n", "6", "--temp", "0", "--json")
+    r = run_calm(
+        "generate", "Hello there", "-m", str(tmp_path / "baseline"), "-n", "6", "--temp", "0", "--device", "cpu", "--json"
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["completion_tokens"] == 6 and report["steps"] == 6 and report["finish_reason"] == "length"
@@ -105,7 +109,8 @@ def _decode_tokens(decoder: Decoder, ids: torch.Tensor, steps: int, temperature:
 
 @pytest.mark.skipif(
     not torch.cuda.is_available() and not os.environ.get("CALM_TEST_COMPILE"),
-    reason="torch.compile takes about a minute of CPU here (inductor builds C++); runs with CUDA or CALM_TEST_COMPILE=1",
+    reason="compiling the tiny model takes minutes on 2 CPU cores (inductor builds C++); "
+    "runs with CUDA or CALM_TEST_COMPILE=1",
 )
 def test_compiled_decode_gives_the_eager_tokens():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

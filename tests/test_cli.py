@@ -122,7 +122,8 @@ def test_debug_shows_traceback():
 
 def test_closed_pipe_is_quiet():
     proc = subprocess.run(
-        " ".join(calm_command()) + f" generate 'Hello there' -m {MODEL} -n 400 --temp 1 | head -c 20",
-        shell=True, capture_output=True, text=True, timeout=120,
+        " ".join(calm_command()) + f" generate 'Hello there' -m {MODEL} -n 400 --temp 1 | head -c 20; exit ${{PIPESTATUS[0]}}",
+        shell=True, capture_output=True, timeout=120, executable="/bin/bash",
     )
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "Error" not in proc.stderr
+    assert proc.returncode == 0 and len(proc.stdout) == 20
+    assert b"Traceback" not in proc.stderr and b"Error" not in proc.stderr
