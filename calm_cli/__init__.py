@@ -1,5 +1,10 @@
 """calm: run, train, evaluate and benchmark CALM (Continuous Autoregressive Language Models)."""
 
+import warnings
+
+# torch warns at import when numpy is absent; calm never needs numpy at run time.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
 from .checkpoint import load_autoencoder, load_model, save_model
 from .engine import Engine, GenerationSettings, GenerationStats
 from .generation import generate, stream_text

@@ -1,11 +1,13 @@
 """`calm bench`: CALM against the token-level baseline with the same backbone, side by side.
 
 Each row is one model (CALM at some K, or the baseline), one batch size and one
-temperature. A run prefills a prompt of random token ids (so no tokenisation is timed),
+temperature (and, for CALM, one candidate decoder: `--candidate-decoder dense,fast` gives
+both). A run prefills a prompt of random token ids (so no tokenisation is timed),
 draws the first K tokens from the prefill state (time to first token), then takes
 fixed-length decode steps with EOS ignored: backbone step, then the engine's sampler
-(`temperature_sample` over the head and `decode_tokens` for CALM, `sample_logits` for the
-baseline), then the new tokens go to the host as the engines hand them to their caller.
+(`engine.sample_step` over the head and the candidate decoder for CALM, `sample_logits` for
+the baseline), then the new tokens go to the host as the engines hand them to their caller.
+`decodes_per_step` is the candidates decoded per row and step.
 That hand-off waits for the device, so per-step latencies are real. One warm-up run (it
 also triggers torch.compile) is not counted; means and standard deviations are over the
 runs after it, step-latency percentiles over all their steps. Building or loading a model
@@ -36,9 +38,11 @@ from .baseline import TokenTransformer, is_baseline, load_baseline
 from .baseline_engine import next_logits, sample_logits
 from .checkpoint import load_model
 from .config import AutoencoderConfig, CALMConfig, config_from_dict, read_json
+from .engine import CANDIDATE_DECODERS, GenerationSettings, sample_step
 from .errors import UsageError
+from .fastdecode import FastCandidateDecoder
 from .model import CALM
-from .sampling import temperature_sample
+from .sampling import SamplingStats
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class BenchOptions:
     repetitions: int = 3
     num_samples: int = 200
     sampler: str = "approx"
+    candidate_decoders: list[str] = field(default_factory=lambda: ["fast"])
     seed: int = 0
     compile: bool = False
     peak_gbs: float | None = None
@@ -105,6 +110,8 @@ def check_options(options: BenchOptions) -> None:
         raise UsageError(f"-n must be more than K ({max(options.ks)}): the first chunk comes from the prefill, steps follow")
     if options.sampler not in ("approx", "exact"):
         raise UsageError(f"--sampler must be 'approx' or 'exact', got '{options.sampler}'")
+    if not options.candidate_decoders or set(options.candidate_decoders) - set(CANDIDATE_DECODERS):
+        raise UsageError(f"--candidate-decoder takes dense, fast or dense,fast, got '{','.join(options.candidate_decoders)}'")
     if options.peak_gbs is not None and options.peak_gbs <= 0:
         raise UsageError("--peak-gbs must be positive")
 
@@ -248,14 +255,27 @@ def _draw_chunks(model: CALM, hidden: torch.Tensor, n: int, generator: torch.Gen
 
 
 class Decoder:
-    """One subject's cached forward pass and sampler; compiled once per subject when asked."""
+    """One subject's cached forward pass and sampler; compiled once per subject when asked.
 
-    def __init__(self, subject: Subject, options: BenchOptions) -> None:
+    CALM candidates go through `candidate_decoder` as in `Engine`; the fast one is never compiled
+    (its rescoring is data-dependent), the dense one is with the step.  `stats` counts the draws.
+    """
+
+    def __init__(self, subject: Subject, options: BenchOptions, candidate_decoder: str = "fast") -> None:
         self.model, self.k, self.options = subject.model, subject.k, options
         self.is_calm = isinstance(subject.model, CALM)
+        self.candidate_decoder = candidate_decoder if self.is_calm else None
+        self.stats = SamplingStats()
         forward = _calm_next if self.is_calm else next_logits
         self._forward = torch.compile(forward, dynamic=True) if options.compile else forward
         self._draw = torch.compile(_draw_chunks, dynamic=True) if options.compile and self.is_calm else _draw_chunks
+        if self.is_calm and candidate_decoder == "fast":
+            fast = FastCandidateDecoder(subject.model.ae_model)
+
+            def draw_fast(model: CALM, hidden: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+                return fast(model.generative_head.sample(hidden, n, generator=generator))
+
+            self._draw = draw_fast
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         """Hidden state (CALM) or logits (baseline) after the last new input, [B, ...]."""
@@ -266,8 +286,9 @@ class Decoder:
         if not self.is_calm:
             return sample_logits(state, temperature, generator)[:, None]
         o = self.options
-        draw = lambda n: self._draw(self.model, state, n, generator)  # noqa: E731
-        return temperature_sample(draw, temperature, method=o.sampler, num_samples=o.num_samples, generator=generator)
+        draw = lambda n, rows=None: self._draw(self.model, state if rows is None else state[rows], n, generator)  # noqa: E731
+        settings = GenerationSettings(temperature=temperature, num_samples=o.num_samples, sampler=o.sampler)
+        return sample_step(draw, settings, generator, self.stats)
 
 
 @dataclass
@@ -327,6 +348,7 @@ def measure(decoder: Decoder, batch: int, temperature: float, options: BenchOpti
     t0 = time.perf_counter()
     run_once(decoder, ids, steps, temperature, options.seed)
     warmup_s = time.perf_counter() - t0
+    decoder.stats = SamplingStats()
     runs = [run_once(decoder, ids, steps, temperature, options.seed + 1 + i) for i in range(options.repetitions)]
     decode_steps = steps - 1
     prefill, prefill_std = _mean_std([batch * prompt / r.prefill_s for r in runs])
@@ -337,6 +359,9 @@ def measure(decoder: Decoder, batch: int, temperature: float, options: BenchOpti
     bandwidth = weight_bytes * rate / (batch * k) / 1e9
     row = {
         "kind": "calm" if decoder.is_calm else "baseline", "K": k, "batch": batch, "temp": temperature,
+        "candidate_decoder": decoder.candidate_decoder,
+        # Candidate chunks decoded per row and step (the first chunk's step included); None for the baseline.
+        "decodes_per_step": decoder.stats.draws / decoder.stats.rows if decoder.stats.rows else None,
         "prompt_tokens": prompt, "new_tokens": steps * k, "decode_steps": decode_steps,
         "prefill_tok_s": prefill, "prefill_tok_s_std": prefill_std, "decode_tok_s": rate, "decode_tok_s_std": rate_std,
         "vector_steps_s": rate / (batch * k), "vector_steps_s_std": rate_std / (batch * k),
@@ -372,7 +397,9 @@ def run_bench(
     for make in makers:
         subject = make()
         dtype = next(subject.model.parameters()).dtype
-        decoder = Decoder(subject, options)
+        is_calm = isinstance(subject.model, CALM)
+        names = options.candidate_decoders if is_calm else ["dense"]  # a baseline has no candidates to decode
+        decoders = [Decoder(subject, options, name) for name in names]
         models.append({
             "kind": subject.kind, "K": subject.k, "params": sum(p.numel() for p in subject.model.parameters()),
             "weight_mb": round(decode_weight_bytes(subject.model) / 2**20, 2), "load_s": round(subject.load_s, 3),
@@ -380,9 +407,11 @@ def run_bench(
         progress(f"{subject.kind} K={subject.k}: built/loaded in {subject.load_s:.2f}s")
         for temperature in options.temperatures:
             for batch in options.batches:
-                rows.append(measure(decoder, batch, temperature, options, peak))
-                progress(f"  batch {batch} T={temperature}: {rows[-1]['decode_tok_s']:.1f} decode tok/s")
-        del subject, decoder
+                for decoder in decoders:
+                    rows.append(measure(decoder, batch, temperature, options, peak))
+                    using = f" {decoder.candidate_decoder} decoder" if is_calm else ""
+                    progress(f"  batch {batch} T={temperature}{using}: {rows[-1]['decode_tok_s']:.1f} decode tok/s")
+        del subject, decoders
         if options.compile:
             torch._dynamo.reset()  # drop this model's graphs; also keeps the next model under the recompile limit
     baseline = {(r["batch"], r["temp"]): r["decode_tok_s"] for r in rows if r["kind"] == "baseline"}
@@ -390,12 +419,13 @@ def run_bench(
         if r["kind"] == "calm":
             base = baseline.get((r["batch"], r["temp"]))
             r["speedup_vs_baseline"] = round(r["decode_tok_s"] / base, 3) if base else None
-    rows.sort(key=lambda r: (-r["temp"], r["batch"], r["kind"] != "baseline", r["K"]))
+    rows.sort(key=lambda r: (-r["temp"], r["batch"], r["kind"] != "baseline", r["K"], r["candidate_decoder"] or ""))
     return {
         "source": source, "device": str(device), "hardware": _hardware(device),
         "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(), "compile": options.compile,
         "prompt_tokens": options.prompt_tokens, "new_tokens": options.new_tokens, "repetitions": options.repetitions,
-        "sampler": options.sampler, "samples": options.num_samples, "peak_gbs": options.peak_gbs,
+        "sampler": options.sampler, "samples": options.num_samples, "candidate_decoders": options.candidate_decoders,
+        "peak_gbs": options.peak_gbs,
         "peak_mem_kind": peak.kind, "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "models": models, "rows": rows,
     }

@@ -31,6 +31,8 @@ COLUMNS: list[tuple[str, Callable[[Row], str]]] = [
     ("K", lambda r: str(r["K"])),
     ("batch", lambda r: str(r["batch"])),
     ("T", lambda r: f"{r['temp']:g}"),
+    ("decoder", lambda r: r.get("candidate_decoder") or "-"),
+    ("decodes/step", lambda r: f"{r['decodes_per_step']:.1f}" if r.get("decodes_per_step") is not None else "-"),
     ("prefill tok/s", lambda r: _pm(r["prefill_tok_s"], r["prefill_tok_s_std"], 0)),
     ("decode tok/s", lambda r: _pm(r["decode_tok_s"], r["decode_tok_s_std"])),
     ("vector-steps/s", lambda r: _pm(r["vector_steps_s"], r["vector_steps_s_std"])),

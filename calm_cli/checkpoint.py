@@ -282,6 +282,7 @@ def write_directory(target: Path, config: dict[str, Any], state: dict[str, torch
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(str(tmp / "tokenizer.json"))
+        _default_permissions(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             os.replace(target, old)
@@ -294,6 +295,14 @@ def write_directory(target: Path, config: dict[str, Any], state: dict[str, torch
         raise
 
 
+def _default_permissions(path: Path) -> None:
+    """Temporary files and directories are private (0600/0700); give the result the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [path, *path.iterdir()] if path.is_dir() else [path]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """save_file to a temporary name in the same directory, then rename."""
     path = Path(path)
@@ -302,6 +311,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        _default_permissions(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

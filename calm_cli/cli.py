@@ -29,6 +29,11 @@ ModelOpt = typer.Option(None, "--model", "-m", help="Model directory (default: $
 TempOpt = typer.Option(0.5, "--temp", "-t", help="Temperature in [0, 1]. Default 0.5, as the CALM authors advise for fluent text; 1 draws once per step; 0 picks the most frequent of --samples draws.")
 SamplesOpt = typer.Option(200, "--samples", help="Candidate chunks drawn per step by the approximate sampler (N).")
 SamplerOpt = typer.Option("approx", "--sampler", help="Temperature sampler: approx (count repeats among N draws) or exact (rejection).")
+CandidateDecoderOpt = typer.Option(
+    "fast", "--candidate-decoder",
+    help="How candidate chunks are decoded: fast (bf16 scores with an error certificate, float32 where it cannot "
+    "decide; the same tokens as dense) or dense (float32 over the whole vocabulary, for comparison).",
+)
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (CUDA when present).")
 DtypeOpt = typer.Option("auto", "--dtype", help="fp32, bf16, fp16 or auto (bf16 on CUDA, fp32 on CPU).")
 
@@ -90,6 +95,7 @@ def generate(
     temp: float = TempOpt,
     samples: int = SamplesOpt,
     sampler: str = SamplerOpt,
+    candidate_decoder: str = CandidateDecoderOpt,
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for repeatable output."),
     stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable)."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print text as each chunk is decoded."),
@@ -112,11 +118,14 @@ def generate(
 ) -> None:
     """Continue PROMPT with a CALM model."""
     from .baseline_engine import make_engine
-    from .engine import GenerationSettings, GenerationStats, check_settings
+    from .engine import CANDIDATE_DECODERS, Engine, GenerationSettings, GenerationStats, check_settings
     from .generation import stream_text
+    from .model import CALM
 
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
     check_settings(settings)
+    if candidate_decoder not in CANDIDATE_DECODERS:
+        raise UsageError(f"--candidate-decoder must be 'dense' or 'fast', got '{candidate_decoder}'")
     if jsonl and prompt is not None:
         raise UsageError("--jsonl reads prompts from stdin or -f FILE, not from PROMPT")
     lines = _jsonl_input(file) if jsonl else []
@@ -125,7 +134,10 @@ def generate(
     calm = load_for_cli(model, device, dtype, ae, tokenizer)
     load_s = time.perf_counter() - t0
     use_compile = compile if compile is not None else calm.transformer.embed_tokens.weight.is_cuda
-    engine = make_engine(calm, compile=use_compile)
+    if isinstance(calm, CALM):
+        engine = Engine(calm, compile=use_compile, candidate_decoder=candidate_decoder)
+    else:  # a token-level baseline decodes no candidates
+        engine = make_engine(calm, compile=use_compile)
     if jsonl:
         _run_jsonl(engine, calm.tokenizer, lines, settings, stop, system, verbose)
         return
@@ -463,14 +475,18 @@ def convert(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
     ae: Optional[Path] = typer.Option(None, "--ae", help="Autoencoder directory, overriding the checkpoint's ae_path."),
 ) -> None:
-    """Rewrite a checkpoint in calm's own single-file layout."""
+    """Rewrite a checkpoint (CALM or token-level baseline) in calm's own single-file layout."""
+    from .baseline import is_baseline, load_baseline, save_baseline
     from .checkpoint import load_model, save_model
+    from .config import read_json
     from .engine import DTYPES
 
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype '{dtype}' (use fp32, bf16 or fp16)")
-    model = load_model(src, ae=str(ae) if ae else None)
-    save_model(model, dst, dtype=DTYPES[dtype])
+    if (src / "config.json").is_file() and is_baseline(read_json(src / "config.json")):
+        save_baseline(load_baseline(src), dst, dtype=DTYPES[dtype])
+    else:
+        save_model(load_model(src, ae=str(ae) if ae else None), dst, dtype=DTYPES[dtype])
     err.print(f"wrote {dst}")
 
 
@@ -493,6 +509,10 @@ def bench(
     temp: str = typer.Option("1", "--temp", "-t", help="Temperature(s) in [0, 1], e.g. 1 or 1,0.5; 1 draws once per step."),
     samples: int = SamplesOpt,
     sampler: str = SamplerOpt,
+    candidate_decoder: str = typer.Option(
+        "fast", "--candidate-decoder",
+        help="CALM candidate decoder(s): fast, dense, or dense,fast for one row of each (same tokens; see generate --help).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for the prompts and the sampling."),
     peak_gbs: Optional[float] = typer.Option(None, "--peak-gbs", help="Memory bandwidth of the device in GB/s (H200: 4800), for the bandwidth fraction."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with a 'rows' list instead of the table."),
@@ -528,7 +548,7 @@ def bench(
     options = BenchOptions(
         ks=parse_list(k or "4", int, "--K"), batches=parse_list(batch, int, "-b"), temperatures=parse_list(temp, float, "--temp"),
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, repetitions=repetitions, num_samples=samples, sampler=sampler,
-        seed=seed, peak_gbs=peak_gbs,
+        candidate_decoders=[name.strip() for name in candidate_decoder.split(",") if name.strip()], seed=seed, peak_gbs=peak_gbs,
     )
     check_options(options)
     dev = resolve_device(device)

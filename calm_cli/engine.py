@@ -25,10 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UsageError
+from .fastdecode import FastCandidateDecoder
 from .model import CALM
 from .sampling import SamplingStats, select_from_pool, temperature_sample
 
 LEFTOVER_POOL = 64
+CANDIDATE_DECODERS = ("dense", "fast")
+EXACT_BLOCK = 8  # the exact sampler's first round: a confident position is accepted within it
+POOL_BLOCK: int | None = None  # the approximation's pool in one draw (see sample_step)
 
 
 @dataclass
@@ -61,8 +65,12 @@ class GenerationStats:
 class Engine:
     """Owns a CALM model on one device; `stream` yields tokens chunk by chunk."""
 
-    def __init__(self, model: CALM, compile: bool = False) -> None:
+    def __init__(self, model: CALM, compile: bool = False, candidate_decoder: str = "fast") -> None:
+        if candidate_decoder not in CANDIDATE_DECODERS:
+            raise UsageError(f"--candidate-decoder must be 'dense' or 'fast', got '{candidate_decoder}'")
         self.model = model
+        # Both give the same chunks (calm_cli/fastdecode.py); dense is kept for comparison.
+        self.decode_chunks = FastCandidateDecoder(model.ae_model) if candidate_decoder == "fast" else model.ae_model.decode_tokens
         self.config = model.config
         self.k = model.config.patch_size
         self.device = next(model.parameters()).device
@@ -72,11 +80,11 @@ class Engine:
 
     def draw_fn(self, hidden: torch.Tensor, generator: torch.Generator | None) -> Callable[..., torch.Tensor]:
         """The black-box sampler the temperature rules see: n fresh chunks for the given rows."""
-        head, ae = self.model.generative_head, self.model.ae_model
+        head, decode = self.model.generative_head, self.decode_chunks
 
         def draw(n: int, rows: torch.Tensor | None = None) -> torch.Tensor:
             h = hidden if rows is None else hidden[rows]
-            return ae.decode_tokens(head.sample(h, n, generator=generator))
+            return decode(head.sample(h, n, generator=generator))
 
         return draw
 
@@ -124,11 +132,7 @@ class Engine:
             if any(leftovers) and step == 0:
                 chunk, skip = self._first_chunk(hidden, leftovers, settings, generator)
             else:
-                draw = self.draw_fn(hidden, generator)
-                chunk = temperature_sample(
-                    draw, settings.temperature, method=settings.sampler, num_samples=settings.num_samples,
-                    generator=generator, stats=stats.sampling,
-                )
+                chunk = sample_step(self.draw_fn(hidden, generator), settings, generator, stats.sampling)
                 skip = [0] * batch
             rows = chunk.tolist()
             out: list[list[int]] = []
@@ -178,6 +182,22 @@ class Engine:
         chosen = torch.where(found, chosen, fallback)
         chosen = torch.where(fixed, prefix, chosen)
         return chosen, [len(left) for left in leftovers]
+
+
+def sample_step(
+    draw: Callable[..., torch.Tensor], settings: GenerationSettings, generator: torch.Generator | None,
+    stats: SamplingStats | None = None,
+) -> torch.Tensor:
+    """One decode step's chunks by the settings' temperature rule, as the engine draws them.
+
+    The exact sampler starts with EXACT_BLOCK candidates and doubles its rounds up to the pool
+    size; the approximation grows its pool POOL_BLOCK at a time when that is set.  `calm bench`
+    calls this too, so both pay the same candidate decodes.
+    """
+    return temperature_sample(
+        draw, settings.temperature, method=settings.sampler, num_samples=settings.num_samples, generator=generator,
+        block=EXACT_BLOCK, max_block=settings.num_samples, pool_block=POOL_BLOCK, stats=stats,
+    )
 
 
 def check_settings(settings: GenerationSettings) -> None:

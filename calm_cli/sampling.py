@@ -28,11 +28,36 @@ Temperatures (beta = 1/T; within 1e-9 relative of an integer it is snapped to it
   advance together in rounds of ``block`` candidates; a round reads its block as n-tuples
   and takes the first agreeing one, and the candidates after it feed the factory.
   Skipping candidates is harmless: which ones are skipped never depends on their values.
+  With ``max_block`` the rounds grow: ``block``, then twice that, up to ``max_block``, so
+  a confident row is accepted after a handful of candidates while a flat one needs few
+  rounds; round sizes depend only on the round number, so exactness is untouched.
   Rows that have drawn ``max_draws`` candidates fall back to the approximation below
   (counted in ``SamplingStats.fallbacks``).
 * ``method="approx"``: draw a pool of N = ``num_samples`` chunks per row in one call,
   count repeats (sorting on the device, no Python loop over rows or candidates, no host
   synchronisation) and pick one distinct chunk with weight w(c) from its count c.
+  With ``pool_block`` the pool starts with that many candidates and doubles (up to N), only
+  for rows whose choice is not yet settled (below), and each row picks from the pool it has.
+  When no pending row would settle even at N with the shares it has now, the rest of the
+  pool comes in one draw.  This costs one host synchronisation per growth (at most
+  log2(N / pool_block) + 1, two on flat positions) instead of none.
+
+Settled pools (``pool_block``)
+------------------------------
+After m draws with the most frequent chunk x seen c1 times and the runner-up c2 times,
+take L = the Wilson lower bound of c1 / m for p = P(x) and U = the Wilson upper bound of
+c2 / m for the largest other probability q (z = ``SETTLE_Z``; U also bounds the chunks seen
+less often, as the bound grows with the count).  Since sum_{y != x} p_y^beta <=
+q^(beta - 1) sum_{y != x} p_y <= min(U, 1 - L)^(beta - 1) (1 - L) = R for beta >= 1, the
+target picks something other than x with probability at most
+
+    r = R / (L^beta + R),
+
+and so, up to finite-pool effects, does the fixed-N rule.  A row stops growing once
+r <= ``settle``: more draws could then move its pick by about that much in total variation.
+This is a heuristic (the bounds hold with high probability, not surely, and many chunks are
+bounded at once); ``benchmarks/adaptive_pool.py`` measures the actual distance to the fixed-N
+rule on a trained model's positions.
 
 Pool weights
 ------------
@@ -89,6 +114,8 @@ from .errors import UsageError
 
 DrawFn = Callable[..., Tensor]
 METHODS = ("approx", "exact")
+SETTLE_TV = 0.02  # default ``settle`` (a bound; the measured distance is far smaller): see "Settled pools"
+SETTLE_Z = 2.0  # Wilson bounds at about 97.7% one-sided confidence
 
 
 @dataclass
@@ -111,31 +138,38 @@ def temperature_sample(
     generator: torch.Generator | None = None,
     max_draws: int = 2000,
     block: int = 32,
+    max_block: int | None = None,
+    pool_block: int | None = None,
+    settle: float = SETTLE_TV,
     stats: SamplingStats | None = None,
 ) -> Tensor:
     """Sample one chunk per row from P^(1/T) / Z; returns a LongTensor ``[rows, K]``.
 
     ``draw`` follows the protocol in the module docstring.  ``num_samples`` is the pool
     size of the approximation (and of T = 0 and of the exact sampler's fallback);
-    ``max_draws`` and ``block`` only affect ``method="exact"``.
+    ``max_draws``, ``block`` and ``max_block`` (rounds double up to it) only affect
+    ``method="exact"``; ``pool_block`` and ``settle`` (start the pool that small and double it
+    until settled) only ``method="approx"``.
     """
     beta = _inverse_temperature(temperature)
     if method not in METHODS:
         raise UsageError(f"sampling method must be one of {', '.join(METHODS)} (got {method!r})")
     if num_samples < 1:
         raise UsageError(f"num_samples must be at least 1 (got {num_samples})")
-    if max_draws < 1 or block < 1:
-        raise UsageError(f"max_draws and block must be at least 1 (got {max_draws}, {block})")
+    if max_draws < 1 or block < 1 or min(max_block or 1, pool_block or 1) < 1:
+        raise UsageError(f"max_draws and block sizes must be at least 1 (got {max_draws}, {block}, {max_block}, {pool_block})")
     stats = stats if stats is not None else SamplingStats()
     drawer = _Drawer(draw, stats)
     if beta == 1.0:
         chunks = drawer(1)[:, 0]
     elif beta == math.inf:
         chunks = _greedy(drawer(num_samples))
+    elif method == "approx" and pool_block is not None and pool_block < num_samples:
+        chunks = _grown_select(drawer, beta, generator, num_samples, pool_block, settle)
     elif method == "approx":
         chunks = _select(drawer(num_samples), beta, generator)
     else:
-        chunks = _exact(drawer, beta, generator, block, max_draws, num_samples, stats)
+        chunks = _exact(drawer, beta, generator, block, max_block or block, max_draws, num_samples, stats)
     stats.steps += 1
     stats.rows += chunks.shape[0]
     return chunks
@@ -226,6 +260,49 @@ def _select(pool: Tensor, beta: float, generator: torch.Generator | None) -> Ten
     return _chunks_at(pool, first.gather(1, group.unsqueeze(1)).squeeze(1))
 
 
+def _grown_select(
+    drawer: _Drawer, beta: float, generator: torch.Generator | None, num_samples: int, pool_block: int, settle: float
+) -> Tensor:
+    """The approximation on pools of ``pool_block``, doubled until settled or ``num_samples`` long."""
+    first = drawer(pool_block)
+    rows, drawn, chunk = first.shape
+    pool = torch.full((rows, num_samples, chunk), -1, dtype=torch.long, device=first.device)
+    pool[:, :drawn] = first
+    pending = torch.arange(rows, device=first.device)
+    while drawn < num_samples:
+        counts, _ = count_pool(pool[pending, :drawn])
+        top = torch.cat([counts, counts.new_zeros(len(pending), 1)], 1).topk(2, dim=1).values  # runner-up 0 if alone
+        done = settled(top[:, 0], top[:, 1], drawn, beta, settle)
+        # Rows that would not settle even at N with the shares they have now: no point checking again.
+        hopeless = ~settled(top[:, 0] * num_samples / drawn, top[:, 1] * num_samples / drawn, num_samples, beta, settle)
+        pending, hopeless = pending[~done], hopeless[~done]
+        if pending.numel() == 0:
+            break
+        size = num_samples - drawn if bool(hopeless.all()) else min(drawn, num_samples - drawn)
+        pool[pending, drawn : drawn + size] = drawer(size, pending)
+        drawn += size
+    return _select(pool, beta, generator)  # unfilled slots are -1: no group, as in select_from_pool
+
+
+def settled(top: Tensor, second: Tensor, drawn: int, beta: float, settle: float = SETTLE_TV, z: float = SETTLE_Z) -> Tensor:
+    """Rows whose most frequent chunk (``top`` of ``drawn``; runner-up ``second``) leaves at most ``settle`` to the rest.
+
+    See "Settled pools" in the module docstring: r <= settle with Wilson bounds at ``z``.
+    """
+    lower = _wilson(top, drawn, z, -1.0)
+    upper = torch.minimum(_wilson(second, drawn, z, 1.0), 1 - lower)
+    rest = upper ** (beta - 1) * (1 - lower)
+    return rest <= settle * (lower**beta + rest)
+
+
+def _wilson(count: Tensor, drawn: int, z: float, side: float) -> Tensor:
+    """Wilson score bound for a proportion count / drawn: lower for side -1, upper for side +1."""
+    share = count.to(torch.float64) / drawn
+    z2 = z * z
+    spread = z * torch.sqrt(share * (1 - share) / drawn + z2 / (4 * drawn * drawn))
+    return ((share + z2 / (2 * drawn) + side * spread) / (1 + z2 / drawn)).clamp(0.0, 1.0)
+
+
 def _greedy(pool: Tensor) -> Tensor:
     """The most frequent chunk per row; ties go to the chunk that appears first in the pool."""
     counts, first = count_pool(pool)
@@ -239,6 +316,7 @@ def _exact(
     beta: float,
     generator: torch.Generator | None,
     block: int,
+    max_block: int,
     max_draws: int,
     num_samples: int,
     stats: SamplingStats,
@@ -247,6 +325,7 @@ def _exact(
     whole = int(beta)
     alpha = beta - whole
     block = max(block, whole)
+    max_block = max(max_block, block)
     size = min(block, max_draws)
     candidates = drawer(size)
     rows, _, chunk = candidates.shape
@@ -266,6 +345,7 @@ def _exact(
         pending, state = pending[keep], state.subset(keep)
         if pending.numel() == 0 or used >= max_draws:
             break
+        block = min(2 * block, max_block)
         size = min(block, max_draws - used)
         candidates = drawer(size, pending)
         used += size

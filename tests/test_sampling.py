@@ -17,10 +17,12 @@ from torch import Tensor
 
 from calm_cli.errors import UsageError
 from calm_cli.sampling import (
+    SETTLE_TV,
     SamplingStats,
     count_pool,
     select_from_pool,
     selection_probabilities,
+    settled,
     temperature_sample,
 )
 
@@ -39,9 +41,11 @@ class FakeSampler:
         self.batch = rows
         self.generator = torch.Generator().manual_seed(seed)
         self.requested: list[Tensor | None] = []
+        self.sizes: list[int] = []
 
     def __call__(self, n: int, rows: Tensor | None = None) -> Tensor:
         self.requested.append(rows)
+        self.sizes.append(n)
         count = self.batch if rows is None else len(rows)
         u = torch.rand(count, n, generator=self.generator, dtype=torch.float64)
         return TABLE[torch.searchsorted(PROBS.cumsum(0), u, right=True).clamp(max=len(PROBS) - 1)]
@@ -166,6 +170,20 @@ def test_exact_with_small_blocks_and_plain_draw(temperature: float, block: int) 
     assert p > 0.001
 
 
+@pytest.mark.parametrize("temperature", [1 / 2, 0.7, 0.45])
+def test_exact_with_growing_blocks_as_the_engine_runs_it(temperature: float) -> None:
+    fake = FakeSampler(12000, seed=24)
+    stats = SamplingStats()
+    out = temperature_sample(
+        fake, temperature, method="exact", generator=torch.Generator().manual_seed(25), block=8, max_block=200,
+        max_draws=100_000, stats=stats,
+    )
+    assert stats.fallbacks == 0 and fake.sizes[:3] == [8, 16, 32] and max(fake.sizes) <= 200
+    p = chi2_pvalue(frequencies(out), tempered(temperature))
+    print(f"exact T={temperature:.4f} blocks 8, 16, ... 200: chi-square p = {p:.4f} ({stats.draws / 12000:.1f} draws/row)")
+    assert p > 0.001
+
+
 def test_exact_draws_only_for_pending_rows() -> None:
     fake = FakeSampler(500, seed=7)
     temperature_sample(fake, 0.45, method="exact", generator=torch.Generator().manual_seed(8), block=4)
@@ -284,6 +302,56 @@ def test_approx_end_to_end_matches_its_pool_rule() -> None:
     p = chi2_pvalue(frequencies(out), expected.mean(0))
     print(f"approx end to end T=0.5 N=20: chi-square p = {p:.4f}")
     assert p > 0.001
+
+
+class ConcentratedSampler:
+    """Draws TABLE[0], TABLE[1], TABLE[2] with the given probabilities, like a confident position."""
+
+    def __init__(self, probs: list[float], rows: int, seed: int) -> None:
+        self.probs = torch.tensor(probs, dtype=torch.float64)
+        self.batch = rows
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, n: int, rows: Tensor | None = None) -> Tensor:
+        count = self.batch if rows is None else len(rows)
+        return TABLE[torch.multinomial(self.probs, count * n, replacement=True, generator=self.generator).reshape(count, n)]
+
+
+def test_settled_needs_a_clear_majority_and_enough_draws() -> None:
+    cases = [(32, 0, 32), (48, 0, 48), (40, 3, 48), (16, 0, 16)]  # (top, runner-up, drawn)
+    at_half = [bool(settled(torch.tensor(t), torch.tensor(r), d, 2.0, 0.01, 2.0)) for t, r, d in cases]
+    assert at_half == [False, True, False, False]  # at T = 1/2 a unanimous 32 is not enough, a unanimous 48 is
+    assert bool(settled(torch.tensor(32), torch.tensor(0), 32, 3.0, 0.01, 2.0))  # T = 1/3 sharpens: 32 is enough
+    assert not bool(settled(torch.tensor(200), torch.tensor(0), 200, 1.0 / 0.9, 0.01, 2.0))  # near T = 1: never
+
+
+def _adaptive_against_fixed(probs: list[float], settle: float, rows: int = 20000) -> tuple[float, float]:
+    """TV between the adaptive pool's picks and the fixed-N rule's pick probabilities at T = 1/2, and draws per row."""
+    stats = SamplingStats()
+    out = temperature_sample(
+        ConcentratedSampler(probs, rows, seed=26), 0.5, generator=torch.Generator().manual_seed(27), pool_block=16,
+        settle=settle, stats=stats,
+    )
+    pool = ConcentratedSampler(probs, rows, seed=28)(200)  # the fixed-N rule's pick probabilities, Rao-Blackwellised
+    counts, first = count_pool(pool)
+    slot_category = categories(pool.gather(1, first.clamp(max=199).unsqueeze(2).expand(-1, -1, 4)))
+    fixed = torch.zeros(rows, len(TABLE), dtype=torch.float64).scatter_add_(1, slot_category, selection_probabilities(counts, 0.5))
+    tv = 0.5 * float((frequencies(out).double() / rows - fixed.mean(0)).abs().sum())
+    print(f"adaptive pool (settle {settle}) vs fixed N=200 at T=0.5, P={probs}: TV = {tv:.4f}, {stats.draws / rows:.1f} draws/row")
+    return tv, stats.draws / rows
+
+
+@pytest.mark.parametrize(("probs", "most_draws"), [([0.99, 0.01], 60), ([0.95, 0.03, 0.02], 150)])
+def test_adaptive_pool_stops_early_on_confident_rows_and_picks_like_the_fixed_pool(probs: list[float], most_draws: int) -> None:
+    tv, draws = _adaptive_against_fixed(probs, SETTLE_TV)
+    assert draws < most_draws and tv < 0.004
+
+
+def test_loose_settling_would_bias_the_pick() -> None:
+    """Stopping when the runner-up happens to be rare under-picks it; the default settles late enough not to."""
+    probs = [0.8, 0.15, 0.05]
+    assert _adaptive_against_fixed(probs, 0.3)[0] > 0.006
+    assert _adaptive_against_fixed(probs, SETTLE_TV)[0] < 0.004
 
 
 def test_temperature_one_is_a_single_draw() -> None:

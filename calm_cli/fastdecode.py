@@ -1,0 +1,396 @@
+"""Exact fast candidate decoding: bf16 scores with a certificate, float32 only where needed.
+
+Decoding a candidate latent ends with ``argmax_v h . w_v`` over the whole vocabulary for each
+of its K final decoder states h (``W`` is the tied output matrix, rows w_v, [V, H]).  At T < 1
+the samplers decode hundreds of candidates per step, so this product dominates the step.  Here
+it is computed in bf16 (half the bytes of W, on the CPU's AMX / AVX512-BF16 units or the GPU's
+tensor cores) together with a bound on how far each bf16 score can be from the float32 score
+the dense path computes.  A row whose bf16 winner beats its bf16 runner-up by more than the
+bounds allow has that winner as its float32 argmax; for the other rows only the few columns
+the bounds cannot rule out are scored in float32.
+
+The bound
+---------
+u = 2^-8 is bf16's unit roundoff (8 significant bits, round to nearest).  Float32 accumulation
+is charged e = 2^-22 per term (2^-24 suffices for round-to-nearest adds; 4x covers a separate
+product rounding, truncating adders and tensor cores' multi-operand adders), g = H e / (1 - H e).
+Let h^ = bf16(h), dh = h^ - h, w^_v = bf16(w_v), dw_v = w^_v - w_v.  Both differences are exact
+in float32 (Sterbenz), so their norms are known, not just bounded by u |h|: typically they are
+0.4 u |h|, which makes this bound about 2.5 times tighter than the worst case 2u |h| |w|.
+
+1. Input rounding, an identity: h^ . w^_v - h . w_v = dh . w_v + h^ . dw_v, at most
+   |dh| |w_v| + |h^| |dw_v| (Cauchy-Schwarz).
+2. Products of two bf16 numbers are exact in float32 (8 + 8 <= 24 bits).
+3. The backend accumulates them in float32 in some order: the sum s~_v is within
+   g |h^| |w^_v| <= g |h^| |w_v| (1 + u) of h^ . w^_v.  That is the backend's property: torch's
+   CPU bf16 matmul (oneDNN) accumulates in float32, and so does cuBLAS once reduced-precision
+   reduction is switched off (done here).  ``_accumulates_in_float32`` checks it once per device
+   type on a probe that bf16 accumulation fails, and the decoder stays dense if it does not hold.
+4. The dense float32 score f_v of any summation order is within g32 |h| |w_v| of h . w_v,
+   g32 = 2H 2^-24 / (1 - 2H 2^-24) (product and sum each rounded).  With TF32 matmul allowed on
+   CUDA the dense path rounds its inputs to 11 bits: 2^-9 |h| |w_v| more.
+
+So |s~_v - f_v| <= E_v = |dh| |w_v| + |h^| |dw_v| + g (1 + u) |h^| |w_v| + g32 |h| |w_v| + tau,
+where tau = 2^-120 (H + sqrt(H) (|h| + max |w_v|)) absorbs underflow (subnormals rounded or
+flushed to zero in inputs, products, sums and outputs), which relative terms do not cover.
+
+5. The bf16 output b_v rounds s~_v to nearest, keeping its sign: s~_v >= b_v / (1 + u) when
+   b_v >= 0, and s~_v <= max(b_v, 0) / (1 - u) for every v.
+
+Let v1 be the bf16 winner (b1 = b_v1 >= 0) and b2 the largest other bf16 score.  Then
+f_v1 >= b1 / (1 + u) - E_v1 and f_v <= max(b2, 0) / (1 - u) + max_v E_v for every v != v1, so
+
+    b1 / (1 + u) - max(b2, 0) / (1 - u) > E_v1 + max_v E_v
+
+proves f_v1 > f_v for all v != v1: a strict inequality, so the dense argmax, tie-breaking
+included, is v1.  In the worst case (|dh| = u |h|, |dw_v| = u |w_v|, |b| = |h| |w|) each score
+is off by at most c 2^-8 |h| max |w_v| with c = 2 (inputs) + 1 (output) + (g (1 + u) + g32) / u
++ O(u), about 3.06 for H = 512; the measured |dh| and |dw_v| and the actual b1, b2 make the test
+several times sharper than that in practice.  Norms, bounds and the gap are computed in float64 and the right-hand side is
+enlarged by 1e-6 relative, far more than their own rounding.
+
+Rows the certificate leaves open
+--------------------------------
+The same bounds say which columns can still be the dense argmax: those with
+max(b_v, 0) / (1 - u) + max_v E_v >= b1 / (1 + u) - E_v1, usually two or three.  Each tile of
+the vocabulary holding one of them contributes its bf16 winner (which is then that candidate);
+a tile holding two or more (its bf16 runner-up passes the test too) is scored whole in float32
+for those rows.  Our float32 scores and the dense path's are each within g32 |h| |w_v| (+ TF32)
++ tau of the exact ones, so a best candidate ahead of every other by more than twice that is
+the dense argmax.  Rows still open after that (float32 near-ties, exact duplicates, rows with
+no positive score) are decoded as a dense float32 row.
+
+What "identical to dense" means: the dense path is only defined up to float32 rounding
+(oneDNN/MKL sum in a different order for a different number of rows, so the same latent can
+get different float32 scores in a pool of 8 and in one of 200).  Every row settled by the
+bounds equals every float32 evaluation; a row decoded densely equals a float32 evaluation of
+that row, and can differ from the pool's only where two scores are within float32 rounding.
+
+The scan
+--------
+The bf16 scores are read as int16 keys: for non-negative floats the bit patterns sort like the
+values, so one integer max (with index) and one integer amax after masking the winner give the
+top two, several times faster than a float argmax.  A row whose best key is negative (every
+score negative) is decoded densely; a negative runner-up key is replaced by 0, an upper bound
+for it.
+The vocabulary is scanned in tiles so each tile's scores are still in cache when reduced.
+
+When more than ``FALLBACK_FRACTION`` of a call's rows needed a dense row, the bf16 pass did
+not pay for itself, so the next ``RETRY_AFTER`` calls go straight to dense float32 before
+trying again.  Calls smaller than ``MIN_WORK`` multiply-adds are decoded densely too (the
+scan's fixed costs would dominate; measured crossover on one CPU core).  Models held in bf16
+or fp16 decode densely in their own dtype: there is nothing cheaper to certify against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .autoencoder import Autoencoder
+
+BF16_UNIT = 2.0**-8
+ACCUMULATION_UNIT = 2.0**-22
+FLOAT32_UNIT = 2.0**-24
+TF32_INPUT = 2.0**-9 + 2.0**-20  # both inputs of a product rounded or truncated to 11 bits: 2 * 2^-10 + 2^-20
+SAFETY = 1.0 + 1e-6
+MIN_KEY = -(2**15)
+TILE = {"cuda": 32768}  # vocabulary columns per tile; other devices use DEFAULT_TILE (cache-sized)
+DEFAULT_TILE = 2048
+FALLBACK_FRACTION = 0.4
+RETRY_AFTER = 32
+MIN_WORK = 2**27  # multiply-adds (rows x V x H) below which dense is faster on a CPU core: fixed costs win
+
+
+def accumulation_error(hidden_size: int) -> float:
+    """g = H e / (1 - H e): the relative error of the bf16 path's float32 accumulation (step 3)."""
+    n = hidden_size * ACCUMULATION_UNIT
+    return n / (1.0 - n)
+
+
+def float32_error(hidden_size: int) -> float:
+    """g32: the relative error of a float32 dot product of length H, product and sum rounded per term (step 4)."""
+    n = 2 * hidden_size * FLOAT32_UNIT
+    return n / (1.0 - n)
+
+
+@contextlib.contextmanager
+def _float32_accumulation(device: torch.device) -> Iterator[None]:
+    """cuBLAS may reduce bf16 products in bf16 unless told not to; CPU kernels always use float32."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_bf16_reduced_precision_reduction
+    matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction = previous
+
+
+_PROBED: dict[str, bool] = {}
+
+
+def _accumulates_in_float32(device: torch.device) -> bool:
+    """Check step 3's assumption once per device type, on inputs where bf16 accumulation breaks.
+
+    Row 0 is 1 followed by 511 copies of 2^-8 (a bf16 running sum sticks at 1); the other rows are
+    random.  Every output must be within one bf16 rounding plus step 3's allowance of the exact
+    product of the same bf16 inputs.
+    """
+    if device.type not in _PROBED:
+        gen = torch.Generator().manual_seed(0)
+        h = torch.randn(8, 512, generator=gen)
+        h[0] = 2.0**-8
+        h[0, 0] = 1.0
+        w = torch.rand(64, 512, generator=gen) + 0.5  # positive, so row 0's sum cannot cancel
+        hb, wb = h.bfloat16(), w.bfloat16()
+        with _float32_accumulation(device):
+            out = F.linear(hb.to(device), wb.to(device)).double().cpu()
+        exact = hb.double() @ wb.double().T
+        mass = hb.double().abs() @ wb.double().abs().T
+        allowed = BF16_UNIT * exact.abs() * (1 + BF16_UNIT) + accumulation_error(512) * mass * (1 + BF16_UNIT) ** 2
+        _PROBED[device.type] = bool(((out - exact).abs() <= allowed).all())
+    return _PROBED[device.type]
+
+
+@dataclass
+class TileScan:
+    """Per vocabulary tile and row: the best int16 key, its column, and the best key of the rest."""
+
+    first: Tensor  # int16 [tiles, M]
+    where: Tensor  # long [tiles, M], a column of W
+    second: Tensor  # int16 [tiles, M]
+
+
+def scan_tiles(hidden: Tensor, weight: Tensor, tile: int) -> TileScan:
+    """bf16 scores of ``hidden`` [M, H] against ``weight`` [V, H] (both bf16), reduced tile by tile.
+
+    Keys are the bf16 bit patterns read as int16; they order like the scores where those are
+    non-negative (see the module docstring).
+    """
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    tiles = -(-vocab // tile)
+    first = torch.empty(tiles, rows, dtype=torch.int16, device=hidden.device)
+    where = torch.empty(tiles, rows, dtype=torch.long, device=hidden.device)
+    second = torch.empty(tiles, rows, dtype=torch.int16, device=hidden.device)
+    for t in range(tiles):
+        keys = F.linear(hidden, weight[t * tile : (t + 1) * tile]).view(torch.int16)
+        torch.max(keys, -1, out=(first[t], where[t]))
+        keys.scatter_(1, where[t].unsqueeze(1), MIN_KEY)
+        torch.amax(keys, -1, out=second[t])
+    where += torch.arange(0, tiles * tile, tile, device=hidden.device).unsqueeze(1)
+    return TileScan(first, where, second)
+
+
+def _values(keys: Tensor) -> Tensor:
+    """int16 keys back to their bf16 values, in float64."""
+    return keys.view(torch.bfloat16).double()
+
+
+@dataclass
+class PreparedWeight:
+    """What the certificate needs from the output matrix, computed once per version of it."""
+
+    bf16: Tensor  # bf16(W), [V, H]
+    norms: Tensor  # |w_v|, float64 [V]
+    rounding: Tensor  # |bf16(w_v) - w_v|, float64 [V]
+    max_norm: float
+    max_rounding: float
+
+    @classmethod
+    def of(cls, weight: Tensor) -> PreparedWeight:
+        w = weight.detach()
+        bf16 = w.bfloat16()
+        norms = w.double().norm(dim=-1)
+        rounding = (bf16.float() - w).double().norm(dim=-1)
+        return cls(bf16, norms, rounding, float(norms.max()), float(rounding.max()))
+
+
+@dataclass
+class Decision:
+    """Per row of a call: the argmax where known, and how it was settled."""
+
+    column: Tensor  # long [M]; valid where not ``dense``
+    rescored: Tensor  # bool [M]: settled by float32 scores of its few candidates (else by bf16 alone)
+    dense: Tensor  # bool [M]: needs a dense float32 row
+
+
+@dataclass
+class RowNorms:
+    """Float64 norms of each row: |h|, |bf16(h)| and |bf16(h) - h| (exact in float32, Sterbenz)."""
+
+    h: Tensor
+    rounded: Tensor
+    error: Tensor
+
+    @classmethod
+    def of(cls, hidden: Tensor, rounded: Tensor) -> RowNorms:
+        return cls(hidden.double().norm(dim=-1), rounded.double().norm(dim=-1), (rounded.float() - hidden).double().norm(dim=-1))
+
+
+def score_error(norms: RowNorms, prepared: PreparedWeight, size: int, column: Tensor | None, tf32_reference: bool) -> Tensor:
+    """E_v of the module docstring: how far the float32 accumulator of the bf16 path can be from the dense score.
+
+    For each row's ``column`` [M], or the bound over all columns when ``column`` is None.
+    """
+    u, g, g32 = BF16_UNIT, accumulation_error(size), float32_error(size)
+    per_norm = norms.error + g * (1 + u) * norms.rounded + (g32 + (TF32_INPUT if tf32_reference else 0.0)) * norms.h
+    w_norm = prepared.max_norm if column is None else prepared.norms[column]
+    w_rounding = prepared.max_rounding if column is None else prepared.rounding[column]
+    return per_norm * w_norm + norms.rounded * w_rounding + _underflow(norms, prepared, size)
+
+
+def _underflow(norms: RowNorms, prepared: PreparedWeight, size: int) -> Tensor:
+    """tau: covers subnormals rounded or flushed to zero anywhere in one evaluation (module docstring)."""
+    return 2.0**-120 * (size + math.sqrt(size) * (norms.h + prepared.max_norm))
+
+
+def decide(hidden: Tensor, weight: Tensor, prepared: PreparedWeight, tf32_reference: bool = False) -> Decision:
+    """Settle the argmax of every row of float32 ``hidden`` [M, H] that the bounds allow.
+
+    A row's candidates are the columns whose float32 score could still be the largest (upper
+    bound >= the winner's lower bound, module docstring).  One candidate: proven.  Several: the
+    float32 scores of each candidate tile's winner, or of the whole tile where a tile holds more
+    than one candidate, are computed, and the best is kept if it beats every other by more than
+    the float32 error of both evaluations.  Rows with a non-positive threshold or a float32
+    near-tie are left to a dense row.
+    """
+    device, size = hidden.device, hidden.shape[-1]
+    tile = TILE.get(device.type, DEFAULT_TILE)
+    rounded = hidden.bfloat16()
+    with _float32_accumulation(device):
+        scan = scan_tiles(rounded, prepared.bf16, tile)
+    best, tile_of = scan.first.max(0)
+    column = scan.where.gather(0, tile_of.unsqueeze(0)).squeeze(0)
+    norms = RowNorms.of(hidden, rounded)
+    e_winner = score_error(norms, prepared, size, column, tf32_reference)
+    e_max = score_error(norms, prepared, size, None, tf32_reference)
+    # Candidates v: max(b_v, 0) / (1 - u) + e_max >= b_1 / (1 + u) - e_winner (the winner's lower bound).
+    u = BF16_UNIT
+    threshold = (1 - u) * (_values(best) / (1 + u) - SAFETY * (e_winner + e_max))
+    usable = torch.isfinite(threshold) & (threshold > 0)
+    candidate = _values(scan.first) >= threshold
+    crowded = _values(scan.second) >= threshold
+    proven = usable & (candidate.sum(0) == 1) & ~crowded.any(0)
+    contested = (usable & ~proven).nonzero().squeeze(1)
+    rescored = torch.zeros_like(proven)
+    if contested.numel():
+        scores, columns = _candidate_scores(hidden, weight, scan, candidate, crowded, contested, tile)
+        top, at = scores.topk(2, dim=0)
+        # Ours and the dense evaluation are each within (g32 [+ TF32, which F.linear obeys too]) |h| |w| + tau of exact.
+        apart = 2 * (float32_error(size) + (TF32_INPUT if tf32_reference else 0.0)) * norms.h * prepared.max_norm
+        margin = 2 * (apart + 2 * _underflow(norms, prepared, size))[contested]
+        clear = top[0] - top[1] > SAFETY * margin
+        winners = contested[clear]
+        column[winners] = columns[at[0, clear], clear.nonzero().squeeze(1)]
+        rescored[winners] = True
+    return Decision(column, rescored, ~(proven | rescored))
+
+
+def _candidate_scores(
+    hidden: Tensor, weight: Tensor, scan: TileScan, candidate: Tensor, crowded: Tensor, contested: Tensor, tile: int
+) -> tuple[Tensor, Tensor]:
+    """Float32 scores and columns of the contested rows' candidates: float64 [2 * tiles, C], long [2 * tiles, C].
+
+    Slot t holds tile t's candidate winner, or for a crowded tile its float32 best; slot tiles + t
+    that tile's float32 second best.  Empty slots score -inf.
+    """
+    tiles, count = scan.first.shape[0], contested.numel()
+    scores = torch.full((2 * tiles, count), -math.inf, dtype=torch.float64, device=hidden.device)
+    columns = torch.zeros(2 * tiles, count, dtype=torch.long, device=hidden.device)
+    single = candidate[:, contested] & ~crowded[:, contested]
+    tile_index, slot = single.nonzero(as_tuple=True)
+    rows, cols = contested[slot], scan.where[tile_index, contested[slot]]
+    scores[tile_index, slot] = (hidden[rows] * weight[cols]).sum(-1).double()
+    columns[tile_index, slot] = cols
+    crowded = crowded[:, contested]
+    for t in crowded.any(1).nonzero().squeeze(1).tolist():
+        slot = crowded[t].nonzero().squeeze(1)
+        values, index = F.linear(hidden[contested[slot]], weight[t * tile : (t + 1) * tile]).topk(2, dim=-1)
+        scores[t, slot], scores[tiles + t, slot] = values[:, 0].double(), values[:, 1].double()
+        columns[t, slot], columns[tiles + t, slot] = index[:, 0] + t * tile, index[:, 1] + t * tile
+    return scores, columns
+
+
+@dataclass
+class FastDecodeStats:
+    """What the decoder did, summed over calls: rows decoded, and how many needed more than bf16.
+
+    ``rescored``: settled by float32 scores of a few candidates; ``dense``: needed a dense float32
+    row (including whole calls decoded densely).
+    """
+
+    rows: int = 0
+    rescored: int = 0
+    dense: int = 0
+
+
+class FastCandidateDecoder:
+    """Drop-in for ``Autoencoder.decode_tokens``: the same chunks, from bf16 scores plus a certificate.
+
+    It keeps a ``PreparedWeight`` of the output matrix, rebuilt when the matrix changes (new
+    storage or an in-place update), so an engine can hold one for a model's life.
+    """
+
+    def __init__(self, ae: Autoencoder) -> None:
+        self.ae = ae
+        self.stats = FastDecodeStats()
+        self._key: tuple | None = None
+        self._prepared: PreparedWeight | None = None
+        self._dense_calls_left = 0
+
+    def __call__(self, latents: Tensor) -> Tensor:
+        """Latents [..., latent] -> argmax chunks [..., K], equal to ``ae.decode_tokens(latents)``."""
+        hidden = self.ae.decoder.hidden(latents.unsqueeze(-2))
+        weight = self.ae.decoder.lm_head_weight
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if not self._use_bf16(flat, weight):
+            self.stats.rows += flat.shape[0]
+            self.stats.dense += flat.shape[0]
+            return F.linear(hidden, weight).argmax(-1)
+        return self.argmax(flat, weight).reshape(hidden.shape[:-1])
+
+    def argmax(self, hidden: Tensor, weight: Tensor) -> Tensor:
+        """``F.linear(hidden, weight).argmax(-1)`` for float32 ``hidden`` [M, H], settled by ``decide``."""
+        decision = decide(hidden, weight, self.prepared(weight), _tf32_reference(hidden.device))
+        dense = decision.dense.nonzero().squeeze(1)
+        column = decision.column
+        if dense.numel():
+            column[dense] = F.linear(hidden[dense], weight).argmax(-1)
+        self.stats.rows += hidden.shape[0]
+        self.stats.rescored += int(decision.rescored.sum())
+        self.stats.dense += dense.numel()
+        if dense.numel() > FALLBACK_FRACTION * hidden.shape[0]:
+            self._dense_calls_left = RETRY_AFTER
+        return column
+
+    def prepared(self, weight: Tensor) -> PreparedWeight:
+        """The cached ``PreparedWeight`` of ``weight``, rebuilt when ``weight`` has changed."""
+        version = -1 if weight.is_inference() else weight._version  # inference tensors keep no counter
+        key = (weight.data_ptr(), version, weight.device, tuple(weight.shape))
+        if key != self._key or self._prepared is None:
+            self._prepared = PreparedWeight.of(weight)
+            self._key = key
+        return self._prepared
+
+    def _use_bf16(self, hidden: Tensor, weight: Tensor) -> bool:
+        """float32 models on a backend that accumulates bf16 in float32, unless in a dense spell."""
+        if hidden.dtype != torch.float32 or weight.dtype != torch.float32 or hidden.shape[0] * weight.numel() < MIN_WORK:
+            return False
+        if self._dense_calls_left > 0:
+            self._dense_calls_left -= 1
+            return False
+        return _accumulates_in_float32(weight.device)
+
+
+def _tf32_reference(device: torch.device) -> bool:
+    """Whether the dense float32 matmul on this device may itself round its inputs to TF32."""
+    return device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32

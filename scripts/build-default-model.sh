@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Rebuild weights/default (CALM) and weights/baseline (token-level) from public text, on CPU.
+# Every step is one `calm` command; weights/README.md records what each produced and how long it took.
+# Usage: scripts/build-default-model.sh        (about 2.5 hours on 2 cores; each training step resumes with --resume)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+scripts/build-corpus.sh data/corpus
+calm tokenizer train data/corpus/corpus.jsonl --vocab 8192 --out data/tokenizer.json
+calm data prepare data/corpus/corpus.jsonl --tokenizer data/tokenizer.json --out data/prepared --heldout 0.01
+
+calm train autoencoder data/prepared --out runs/ae \
+    --hidden 256 --intermediate 640 --latent 128 --patch-size 4 --layers 2 \
+    --block-size 512 --batch-size 8 --lr 1e-3 --warmup 100 --schedule cosine --max-steps 1400 \
+    --save-every-min 5 --eval-every 200 --seed 0 --threads 1 --bf16 --no-progress
+
+# CALM and the baseline run side by side, one thread each, so they get the same machine.
+calm train calm data/prepared --ae runs/ae/checkpoint --out runs/calm \
+    --hidden 256 --layers 6 --heads 4 --intermediate 704 --noise-size 64 --mlp-layers 3 \
+    --num-samples 4 --target-samples 32 --context 1024 --block-size 1024 --batch-size 8 \
+    --lr 6e-4 --warmup 200 --schedule cosine --max-steps 3000 --max-minutes 80 \
+    --save-every-min 5 --eval-every 250 --eval-batches 4 --seed 0 --threads 1 --bf16 --no-progress &
+calm train baseline data/prepared --out runs/baseline \
+    --hidden 256 --layers 6 --heads 4 --intermediate 704 --context 1024 --block-size 1024 --batch-size 8 \
+    --lr 6e-4 --warmup 200 --schedule cosine --max-steps 1200 --max-minutes 78 \
+    --save-every-min 5 --eval-every 200 --eval-batches 4 --seed 0 --threads 1 --bf16 --no-progress &
+wait
+
+calm convert runs/calm/checkpoint weights/default --dtype bf16
+calm convert runs/baseline/checkpoint weights/baseline --dtype bf16
+calm eval data/prepared --model weights/default --seed 0 --json
+calm eval data/prepared --model weights/baseline --seed 0 --json
