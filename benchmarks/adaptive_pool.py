@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=64, help="tokens of context per position (a multiple of K)")
     parser.add_argument("--draws", type=int, default=2000, help="candidates drawn per position (a multiple of 200)")
     parser.add_argument("--replicates", type=int, default=2000)
-    parser.add_argument("--variants", default=f"32:{SETTLE_TV}:{SETTLE_Z}",
+    parser.add_argument("--variants", default=f"16:{SETTLE_TV}:{SETTLE_Z}",
                         help="adaptive pools to compare, pool_block:settle:z separated by commas")
     parser.add_argument("--temps", default="0.5,0.7,0.333333")
     parser.add_argument("--threads", type=int, default=1)

@@ -16,7 +16,7 @@ import torch
 
 from .backbone import KVCache
 from .baseline import TokenTransformer
-from .engine import Engine, GenerationSettings, GenerationStats, StepOutput
+from .engine import Engine, GenerationSettings, GenerationStats, RowTracker, StepOutput, left_pad, seeded_generator
 from .errors import UsageError
 from .model import CALM
 
@@ -58,23 +58,15 @@ class TokenEngine:
         if not prompts:
             return
         stats = stats if stats is not None else GenerationStats()
-        device, batch = self.device, len(prompts)
         filler = self.eos if self.eos is not None else self.pad
         prompts = [p if p else [filler] for p in prompts]
-        width = max(len(p) for p in prompts)
         limit = self.config.max_position_embeddings
-        if width >= limit:
-            raise UsageError(f"prompt is {width} tokens; the model's context is {limit} tokens")
+        if max(len(p) for p in prompts) >= limit:
+            raise UsageError(f"prompt is {max(len(p) for p in prompts)} tokens; the model's context is {limit} tokens")
+        ids, valid, positions = left_pad(prompts, 1, self.pad, self.device)
+        batch, width = valid.shape
         max_steps = min(settings.max_tokens, limit - width)
-        ids = torch.full((batch, width), self.pad, dtype=torch.long)
-        valid = torch.zeros(batch, width, dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            valid[i, width - len(p) :] = True
-        ids, valid = ids.to(device), valid.to(device)
-        positions = (torch.arange(width, device=device) - (width - valid.sum(1))[:, None]).clamp(min=0)
-        generator = torch.Generator(device=device)
-        generator.manual_seed(settings.seed if settings.seed is not None else torch.seed())
+        generator = seeded_generator(settings.seed, self.device)
         stats.prompt_tokens = [len(p) for p in prompts]
 
         t0 = time.perf_counter()
@@ -83,36 +75,22 @@ class TokenEngine:
         logits = self._next(self.model, ids, cache, 0, positions)
         stats.prefill_s = time.perf_counter() - t0
 
-        produced, done = [0] * batch, [False] * batch
+        rows = RowTracker(batch, settings.max_tokens, self.eos, None)
         t0 = time.perf_counter()
         for step in range(max_steps):
             token = sample_logits(logits, settings.temperature, generator)
-            out: list[list[int]] = []
-            for i, t in enumerate(token.tolist()):
-                if done[i]:
-                    out.append([])
-                    continue
-                if t == self.eos:
-                    done[i] = True
-                    out.append([])
-                    continue
-                produced[i] += 1
-                done[i] = produced[i] >= settings.max_tokens
-                out.append([t])
-            stats.steps = step + 1
-            stats.completion_tokens = list(produced)
+            out = rows.take([[t] for t in token.tolist()], last=step + 1 == max_steps)
+            stats.steps, stats.completion_tokens = step + 1, list(rows.produced)
             stats.decode_s = time.perf_counter() - t0
-            if step + 1 == max_steps:
-                done = [True] * batch
-            yield StepOutput(out, list(done))
-            if all(done):
+            yield StepOutput(out, list(rows.done))
+            if all(rows.done):
                 break
             cache.valid[:, width + step] = True
             logits = self._next(self.model, token[:, None], cache, width + step, positions[:, -1:] + step + 1)
 
 
-def make_engine(model: CALM | TokenTransformer, compile: bool = False) -> Engine | TokenEngine:
-    """The engine that decodes `model`: CALM's chunk engine or the token-level one."""
+def make_engine(model: CALM | TokenTransformer, compile: bool = False, candidate_decoder: str = "fast") -> Engine | TokenEngine:
+    """The engine that decodes `model`: CALM's chunk engine or the token-level one (which decodes no candidates)."""
     if isinstance(model, TokenTransformer):
         return TokenEngine(model, compile=compile)
-    return Engine(model, compile=compile)
+    return Engine(model, compile=compile, candidate_decoder=candidate_decoder)

@@ -118,9 +118,8 @@ def generate(
 ) -> None:
     """Continue PROMPT with a CALM model."""
     from .baseline_engine import make_engine
-    from .engine import CANDIDATE_DECODERS, Engine, GenerationSettings, GenerationStats, check_settings
+    from .engine import CANDIDATE_DECODERS, GenerationSettings, GenerationStats, check_settings
     from .generation import stream_text
-    from .model import CALM
 
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
     check_settings(settings)
@@ -134,10 +133,7 @@ def generate(
     calm = load_for_cli(model, device, dtype, ae, tokenizer)
     load_s = time.perf_counter() - t0
     use_compile = compile if compile is not None else calm.transformer.embed_tokens.weight.is_cuda
-    if isinstance(calm, CALM):
-        engine = Engine(calm, compile=use_compile, candidate_decoder=candidate_decoder)
-    else:  # a token-level baseline decodes no candidates
-        engine = make_engine(calm, compile=use_compile)
+    engine = make_engine(calm, compile=use_compile, candidate_decoder=candidate_decoder)
     if jsonl:
         _run_jsonl(engine, calm.tokenizer, lines, settings, stop, system, verbose)
         return

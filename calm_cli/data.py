@@ -258,8 +258,9 @@ def assign_splits(scores: list[float], heldout_fraction: float) -> list[str]:
     return splits
 
 
-def load_tokens(path: Path, dtype: str | None = None) -> torch.Tensor:
+def load_tokens(path: str | Path, dtype: str | None = None) -> torch.Tensor:
     """Memory-map a token file written by prepare_data (dtype from the manifest beside it unless given)."""
+    path = Path(path)
     if dtype is None:
         manifest_path = path.parent / "manifest.json"
         try:

@@ -32,7 +32,11 @@ from .sampling import SamplingStats, select_from_pool, temperature_sample
 LEFTOVER_POOL = 64
 CANDIDATE_DECODERS = ("dense", "fast")
 EXACT_BLOCK = 8  # the exact sampler's first round: a confident position is accepted within it
-POOL_BLOCK: int | None = None  # the approximation's pool in one draw (see sample_step)
+# The approximation draws its N candidates in one call.  An adaptive pool (16, doubling until
+# settled) needs 2+ calls: on the default model's diffuse positions it never settles early and
+# is 19% slower; on concentrated ones it decodes about half as many at a TV of 0.0006 or less
+# from the fixed rule (benchmarks/adaptive_pool.py, benchmarks/sampler_speed.py).  Set 16 for it.
+POOL_BLOCK: int | None = None
 
 
 @dataclass
@@ -100,23 +104,14 @@ class Engine:
         prompts = [p if len(p) >= k else [self.eos] * (k - len(p)) + p for p in prompts]
         chunks = [len(p) // k for p in prompts]
         leftovers = [p[c * k :] for p, c in zip(prompts, chunks)]
-        width = max(chunks)
         max_steps = -(-(settings.max_tokens + k - 1) // k)
         limit = self.config.max_position_embeddings
-        if width >= limit:
+        if max(chunks) >= limit:
             raise UsageError(f"prompt is {max(len(p) for p in prompts)} tokens; the model's context is {limit * k} tokens")
+        ids, valid, positions = left_pad([p[: c * k] for p, c in zip(prompts, chunks)], k, self.pad, device)
+        batch, width = valid.shape
         max_steps = min(max_steps, limit - width)
-        batch = len(prompts)
-        ids = torch.full((batch, width * k), self.pad, dtype=torch.long)
-        valid = torch.zeros(batch, width, dtype=torch.bool)
-        for i, (p, c) in enumerate(zip(prompts, chunks)):
-            ids[i, (width - c) * k :] = torch.tensor(p[: c * k])
-            valid[i, width - c :] = True
-        ids, valid = ids.to(device), valid.to(device)
-        offsets = width - valid.sum(1)
-        positions = (torch.arange(width, device=device) - offsets[:, None]).clamp(min=0)
-        generator = torch.Generator(device=device)
-        generator.manual_seed(settings.seed if settings.seed is not None else torch.seed())
+        generator = seeded_generator(settings.seed, device)
         stats.prompt_tokens = [len(p) for p in prompts]
 
         t0 = time.perf_counter()
@@ -125,8 +120,7 @@ class Engine:
         hidden = self._step(ids, cache, 0, positions)[:, -1]
         stats.prefill_s = time.perf_counter() - t0
 
-        produced = [0] * batch
-        done = [False] * batch
+        rows = RowTracker(batch, settings.max_tokens, self.eos, self.pad)
         t0 = time.perf_counter()
         for step in range(max_steps):
             if any(leftovers) and step == 0:
@@ -134,27 +128,11 @@ class Engine:
             else:
                 chunk = sample_step(self.draw_fn(hidden, generator), settings, generator, stats.sampling)
                 skip = [0] * batch
-            rows = chunk.tolist()
-            out: list[list[int]] = []
-            for i, row in enumerate(rows):
-                if done[i]:
-                    out.append([])
-                    continue
-                new = row[skip[i] :]
-                if self.eos is not None and self.eos in new:
-                    new = new[: new.index(self.eos)]
-                    done[i] = True
-                new = [t for t in new if t != self.pad][: settings.max_tokens - produced[i]]
-                produced[i] += len(new)
-                done[i] = done[i] or produced[i] >= settings.max_tokens
-                out.append(new)
-            stats.steps = step + 1
-            stats.completion_tokens = list(produced)
+            out = rows.take([row[s:] for row, s in zip(chunk.tolist(), skip)], last=step + 1 == max_steps)
+            stats.steps, stats.completion_tokens = step + 1, list(rows.produced)
             stats.decode_s = time.perf_counter() - t0
-            if step + 1 == max_steps:
-                done = [True] * batch
-            yield StepOutput(out, list(done))
-            if all(done):
+            yield StepOutput(out, list(rows.done))
+            if all(rows.done):
                 break
             cache.valid[:, width + step] = True
             hidden = self._step(chunk, cache, width + step, (positions[:, -1:] + step + 1))[:, -1]
@@ -198,6 +176,59 @@ def sample_step(
         draw, settings.temperature, method=settings.sampler, num_samples=settings.num_samples, generator=generator,
         block=EXACT_BLOCK, max_block=settings.num_samples, pool_block=POOL_BLOCK, stats=stats,
     )
+
+
+class RowTracker:
+    """Per-row bookkeeping shared by the CALM and token engines: EOS, PAD, the token budget.
+
+    `pad` is dropped from the output when given: CALM chunks may hold it; a token model's
+    sampled token is kept whatever it is, so each step is one token.
+    """
+
+    def __init__(self, batch: int, max_tokens: int, eos: int | None, pad: int | None) -> None:
+        self.max_tokens, self.eos, self.pad = max_tokens, eos, pad
+        self.produced = [0] * batch
+        self.done = [False] * batch
+
+    def take(self, new_tokens: list[list[int]], last: bool = False) -> list[list[int]]:
+        """The tokens each row keeps from this step: cut at EOS, PAD dropped, capped at max_tokens."""
+        out: list[list[int]] = []
+        for i, new in enumerate(new_tokens):
+            if self.done[i]:
+                out.append([])
+                continue
+            if self.eos is not None and self.eos in new:
+                new = new[: new.index(self.eos)]
+                self.done[i] = True
+            new = [t for t in new if t != self.pad][: self.max_tokens - self.produced[i]]
+            self.produced[i] += len(new)
+            self.done[i] = self.done[i] or self.produced[i] >= self.max_tokens or last
+            out.append(new)
+        return out
+
+
+def left_pad(prompts: list[list[int]], unit: int, pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad prompts (lengths multiples of `unit`) to one width.
+
+    Returns ids [B, W * unit], valid [B, W] (real slots, one per `unit` tokens) and positions
+    [B, W] that count real slots only, so a padded row sees the positions it would see alone.
+    """
+    width = max(len(p) for p in prompts) // unit
+    ids = torch.full((len(prompts), width * unit), pad, dtype=torch.long)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width * unit - len(p) :] = torch.tensor(p)
+        valid[i, width - len(p) // unit :] = True
+    ids, valid = ids.to(device), valid.to(device)
+    positions = (torch.arange(width, device=device) - (width - valid.sum(1))[:, None]).clamp(min=0)
+    return ids, valid, positions
+
+
+def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    return generator
 
 
 def check_settings(settings: GenerationSettings) -> None:
