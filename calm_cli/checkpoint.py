@@ -341,14 +341,13 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         }
     model = load_model(directory)
     fmt = getattr(model, "source_format", "?")
-    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
     counts = model.parameter_counts()
     return {
         "path": str(directory),
         "kind": "calm",
         "patch_size (K)": model.config.patch_size,
         "file format": fmt,
-        "dtype": ",".join(dtypes),
+        "stored dtype": raw.get("torch_dtype", "unknown"),
         "parameters": {**counts, "total": sum(counts.values())},
         "config": config_to_dict(model.config),
         "autoencoder config": config_to_dict(model.ae_config),

@@ -25,6 +25,8 @@ calm train baseline data/prepared --out runs/baseline \
     --lr 6e-4 --warmup 200 --schedule cosine --max-steps 1200 --max-minutes 78 \
     --save-every-min 5 --eval-every 200 --eval-batches 4 --seed 0 --threads 1 --bf16 --no-progress &
 wait
+# The shipped CALM then trained 800 more steps (the baseline was still running, so it stayed under the baseline's time).
+calm train calm data/prepared --ae runs/ae/checkpoint --out runs/calm --resume --max-steps 3800 --max-minutes 16 --threads 1 --no-progress
 
 calm convert runs/calm/checkpoint weights/default --dtype bf16
 calm convert runs/baseline/checkpoint weights/baseline --dtype bf16
