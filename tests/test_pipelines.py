@@ -65,7 +65,7 @@ def test_jsonl_per_line_settings_and_validation(tmp_path):
         json.dumps({"prompt": "word " * 1200}),
         json.dumps({"prompt": "Default settings"}),
     ]) + "\n")
-    r = run_calm("generate", "--jsonl", "-f", str(requests), "-m", MODEL, "--temp", "1", "-n", "8")
+    r = run_calm("generate", "--jsonl", "-f", str(requests), "-m", MODEL, "--temp", "1", "-n", "8", "--seed", "3")
     assert r.returncode == 0, r.stderr
     out = [json.loads(line) for line in r.stdout.splitlines()]
     assert [o["line"] for o in out] == [1, 2, 3, 4, 5, 7, 8]
