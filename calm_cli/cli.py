@@ -562,7 +562,7 @@ def bench(
     elif as_md:
         sys.stdout.write(to_markdown(report))
     else:
-        render_table(report, Console(highlight=False))
+        render_table(report, Console(highlight=False, width=None if sys.stdout.isatty() else 220))
 
 
 @app.command("eval")
