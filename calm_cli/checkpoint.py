@@ -19,7 +19,7 @@ import pickle
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -100,9 +100,15 @@ def infer_ae_config(tensors: dict[str, torch.Tensor], base: dict[str, Any]) -> A
     return config_from_dict(AutoencoderConfig, {**base, **shape}, "autoencoder config")
 
 
-def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy tensors into `module`, naming the first missing, unexpected or misshapen tensor."""
-    own = module.state_dict()
+def load_weights(
+    module: nn.Module, tensors: dict[str, torch.Tensor], source: str, skip: Callable[[str], bool] = lambda key: False
+) -> None:
+    """Copy tensors into `module`, naming the first missing, unexpected or misshapen tensor.
+
+    Keys for which `skip` is true (a tied alias, a submodule loaded elsewhere) are neither
+    expected nor loaded.
+    """
+    own = {k: v for k, v in module.state_dict().items() if not skip(k)}
     missing = [k for k in own if k not in tensors]
     unexpected = [k for k in tensors if k not in own]
     if missing:
@@ -112,7 +118,7 @@ def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], source: st
     for k, v in tensors.items():
         if own[k].shape != v.shape:
             raise CalmError(f"{source}: tensor '{k}' has shape {list(v.shape)}, the config needs {list(own[k].shape)}")
-    module.load_state_dict(tensors, strict=True)
+    module.load_state_dict(tensors, strict=False)  # the checks above are strict about the rest
 
 
 def _autoencoder_from_tensors(ae_tensors: dict[str, torch.Tensor], base: dict[str, Any], source: str) -> Autoencoder:
@@ -122,22 +128,8 @@ def _autoencoder_from_tensors(ae_tensors: dict[str, torch.Tensor], base: dict[st
     untie = tied is not None and not torch.equal(tied, ae_tensors["encoder.embed_tokens.weight"])
     if untie:
         ae.decoder.lm_head_weight = nn.Parameter(tied.clone())
-    load_weights(_WithoutTiedHead(ae), ae_tensors, source)
+    load_weights(ae, ae_tensors, source, skip=lambda key: key == TIED_AE_KEY)
     return ae
-
-
-class _WithoutTiedHead(nn.Module):
-    """A view of an Autoencoder whose state dict omits the tied output matrix."""
-
-    def __init__(self, ae: Autoencoder) -> None:
-        super().__init__()
-        self.ae = ae
-
-    def state_dict(self, *args, **kwargs):  # type: ignore[override]
-        return {k: v for k, v in self.ae.state_dict().items() if k != TIED_AE_KEY}
-
-    def load_state_dict(self, state, strict: bool = True, assign: bool = False):  # type: ignore[override]
-        return self.ae.load_state_dict(state, strict=False)
 
 
 def _resolve(path_str: str, directory: Path) -> Path:
@@ -193,9 +185,8 @@ def load_model(
     head = _strip("generative_head.", tensors) or _strip("mlp_generator.", tensors)
     calm_tensors = {k: v for k, v in tensors.items() if k.split(".")[0] in ("transformer", "embed_proj")}
     calm_tensors.update({f"generative_head.{k}": v for k, v in head.items()})
-    model = CALM(config, autoencoder.config)
-    model.ae_model = autoencoder
-    load_weights(_WithoutAutoencoder(model), calm_tensors, str(directory))
+    model = CALM(config, autoencoder)
+    load_weights(model, calm_tensors, str(directory), skip=lambda key: key.startswith("ae_model."))
     if autoencoder.config.patch_size != config.patch_size or autoencoder.config.latent_size != config.latent_size:
         raise CalmError(
             f"{directory}: autoencoder has patch_size {autoencoder.config.patch_size}, latent_size "
@@ -204,18 +195,6 @@ def load_model(
     model.tokenizer = _find_tokenizer(directory, tokenizer, config.vocab_size, ae_dir)
     model.source_format = fmt
     return _place(model, device, dtype)
-
-
-class _WithoutAutoencoder(nn.Module):
-    def __init__(self, model: CALM) -> None:
-        super().__init__()
-        self.model = model
-
-    def state_dict(self, *args, **kwargs):  # type: ignore[override]
-        return {k: v for k, v in self.model.state_dict().items() if not k.startswith("ae_model.")}
-
-    def load_state_dict(self, state, strict: bool = True, assign: bool = False):  # type: ignore[override]
-        return self.model.load_state_dict(state, strict=False)
 
 
 def _is_calm(config: dict[str, Any]) -> bool:

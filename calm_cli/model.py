@@ -16,18 +16,22 @@ from .head import LN_EPS, GenerativeHead
 
 
 class CALM(nn.Module):
-    def __init__(self, config: CALMConfig, ae_config: AutoencoderConfig) -> None:
+    def __init__(self, config: CALMConfig, autoencoder: Autoencoder | AutoencoderConfig) -> None:
+        """`autoencoder` is a trained one to use as it is, or a config to build a fresh one from."""
         super().__init__()
         self.config = config
-        self.ae_config = ae_config
         h, k = config.hidden_size, config.patch_size
         self.transformer = Backbone(config)
         self.embed_proj = nn.Sequential(
             nn.Linear(k * h, 2 * h), nn.SiLU(), nn.Linear(2 * h, h), nn.LayerNorm(h, eps=LN_EPS)
         )
         self.generative_head = GenerativeHead(config)
-        self.ae_model = Autoencoder(ae_config)
+        self.ae_model = autoencoder if isinstance(autoencoder, Autoencoder) else Autoencoder(autoencoder)
         self.tokenizer = None
+
+    @property
+    def ae_config(self) -> AutoencoderConfig:
+        return self.ae_model.config
 
     @property
     def autoencoder(self) -> Autoencoder:

@@ -24,6 +24,3 @@ def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> 
     """Token ids; with special tokens the post-processor prepends BOS, as Llama-3's does."""
     return tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-
-def decode(tokenizer: Tokenizer, ids: list[int]) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=True)

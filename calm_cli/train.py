@@ -242,8 +242,7 @@ def build_model(kind: str, config: AutoencoderConfig | CALMConfig, autoencoder: 
         ae_config = autoencoder.config
         if (config.patch_size, config.latent_size, config.vocab_size) != (ae_config.patch_size, ae_config.latent_size, ae_config.vocab_size):
             raise UsageError("the CALM config's patch_size, latent_size and vocab_size must match the autoencoder's")
-        model = CALM(config, ae_config)
-        model.ae_model = autoencoder.float().eval()
+        model = CALM(config, autoencoder.float().eval())
         for part in (model.transformer, model.embed_proj, model.generative_head):
             init_weights(part)
         # The head starts by predicting zeros, as the authors initialise it.
