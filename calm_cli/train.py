@@ -33,7 +33,7 @@ from torch import nn
 from .autoencoder import Autoencoder
 from .baseline import TokenTransformer, load_baseline, save_baseline
 from .brier import brier_from_samples, brier_lm
-from .checkpoint import TIED_AE_KEY, load_autoencoder, load_model, save_model, write_directory
+from .checkpoint import TIED_AE_KEY, load_autoencoder, load_model, load_weights, save_model, write_directory
 from .config import AutoencoderConfig, CALMConfig, config_to_dict
 from .errors import CalmError, UsageError
 from .model import CALM
@@ -68,6 +68,7 @@ class TrainOptions:
     bf16: bool = False
     resume: bool = False
     target_samples: int = 32  # calm: posterior samples per position (the authors use 100)
+    init: Path | None = None  # fresh run: start from this checkpoint's weights (see warm_start)
     device: str | None = None
     progress: bool = True
     callback: Callable[[dict[str, Any]], None] | None = None  # called with each log record (rank 0)
@@ -250,6 +251,25 @@ def build_model(kind: str, config: AutoencoderConfig | CALMConfig, autoencoder: 
         nn.init.zeros_(final.weight)
         nn.init.zeros_(final.bias)
     return model
+
+
+def warm_start(kind: str, model: nn.Module, directory: Path) -> list[str]:
+    """Copy the weights of a saved model of the same kind into a fresh one; returns what was copied.
+
+    Every trainable part must match in shape, except that a CALM whose autoencoder has a
+    different latent size keeps its fresh generative head: the backbone reads tokens, not
+    latents, so it carries over to a new autoencoder. The frozen autoencoder is never copied.
+    """
+    source = _load_checkpoint_model(kind, Path(directory))
+    parts = ["transformer", "embed_proj", "generative_head"] if kind == "calm" else [""]
+    copied = []
+    for name in parts:
+        mine, theirs = (m.get_submodule(name) if name else m for m in (model, source))
+        if name == "generative_head" and source.config.latent_size != model.config.latent_size:
+            continue
+        load_weights(mine, theirs.state_dict(), f"{directory} ({name or kind})")
+        copied.append(name or kind)
+    return copied
 
 
 def _objective(kind: str, model: nn.Module, options: TrainOptions) -> nn.Module:
@@ -500,6 +520,8 @@ def _run(
             raise UsageError("a fresh run needs a model config")
         torch.manual_seed(options.seed)
         model = build_model(kind, config, autoencoder)
+        if options.init is not None:
+            warm_start(kind, model, options.init)
     if tokenizer is not None:
         model.tokenizer = tokenizer
     _check_block(kind, model, options, train_tokens)

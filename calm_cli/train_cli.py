@@ -39,6 +39,7 @@ Seed = typer.Option(0, "--seed", help="Seed of initialisation, data order and no
 Threads = typer.Option(None, "--threads", help="CPU threads (default: all cores available).")
 Bf16 = typer.Option(False, "--bf16/--fp32", help="bf16 autocast (weights and optimizer stay fp32).")
 Resume = typer.Option(False, "--resume", help="Continue from OUT/checkpoint exactly where it stopped.")
+Init = typer.Option(None, "--init", help="Fresh run starting from the weights of this saved model of the same kind and shape (fresh optimizer and step count).")
 Device = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA when present; torchrun sets one per process).")
 Progress = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr.")
 Hidden = typer.Option(256, "--hidden", help="Hidden size.")
@@ -112,7 +113,11 @@ def _run(kind: str, ctx: typer.Context, data: Path, tokenizer: Optional[Path], m
     from .train import TrainOptions, train
 
     if loop["resume"]:
+        if loop["init"] is not None:
+            raise UsageError("--init starts a fresh run; --resume continues one: give one of them")
         loop = _resumed(ctx, loop)
+    elif loop["init"] is not None and not Path(loop["init"]).is_dir():
+        raise UsageError(f"{loop['init']}: no such model directory")
 
     tokens, heldout, manifest, tok = _load_data(data, tokenizer)
     config = None if loop["resume"] else make_config(_vocab(tokens, manifest, tok), _special_ids(manifest, tok))
@@ -147,8 +152,8 @@ def autoencoder(
     min_lr_ratio: float = MinLr, weight_decay: float = Wd, max_steps: Optional[int] = MaxSteps,
     max_minutes: Optional[float] = MaxMin, save_every_min: float = SaveMin, save_every_steps: Optional[int] = SaveSteps,
     eval_every: int = EvalEvery, eval_batches: int = EvalBatches, log_every: int = LogEvery, seed: int = Seed,
-    threads: Optional[int] = Threads, bf16: bool = Bf16, resume: bool = Resume, device: Optional[str] = Device,
-    progress: bool = Progress,
+    threads: Optional[int] = Threads, bf16: bool = Bf16, resume: bool = Resume, init: Optional[Path] = Init,
+    device: Optional[str] = Device, progress: bool = Progress,
 ) -> None:
     """Train the chunk autoencoder (the robust VAE loss of the CALM paper)."""
     if not 0 <= dropout < 1:
@@ -165,7 +170,7 @@ def autoencoder(
                  schedule=schedule, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, max_steps=max_steps,
                  max_minutes=max_minutes, save_every_min=save_every_min, save_every_steps=save_every_steps,
                  eval_every=eval_every, eval_batches=eval_batches, log_every=log_every, seed=seed, threads=threads,
-                 bf16=bf16, resume=resume, device=device, progress=progress)
+                 bf16=bf16, resume=resume, init=init, device=device, progress=progress)
     _run("autoencoder", ctx, data, tokenizer, make_config, loop)
 
 
@@ -195,8 +200,8 @@ def calm(
     min_lr_ratio: float = MinLr, weight_decay: float = Wd, max_steps: Optional[int] = MaxSteps,
     max_minutes: Optional[float] = MaxMin, save_every_min: float = SaveMin, save_every_steps: Optional[int] = SaveSteps,
     eval_every: int = EvalEvery, eval_batches: int = EvalBatches, log_every: int = LogEvery, seed: int = Seed,
-    threads: Optional[int] = Threads, bf16: bool = Bf16, resume: bool = Resume, device: Optional[str] = Device,
-    progress: bool = Progress,
+    threads: Optional[int] = Threads, bf16: bool = Bf16, resume: bool = Resume, init: Optional[Path] = Init,
+    device: Optional[str] = Device, progress: bool = Progress,
 ) -> None:
     """Train CALM on a frozen autoencoder with the energy-score loss."""
     from .checkpoint import load_autoencoder
@@ -223,7 +228,7 @@ def calm(
                  schedule=schedule, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, max_steps=max_steps,
                  max_minutes=max_minutes, save_every_min=save_every_min, save_every_steps=save_every_steps,
                  eval_every=eval_every, eval_batches=eval_batches, log_every=log_every, seed=seed, threads=threads,
-                 bf16=bf16, resume=resume, device=device, progress=progress, target_samples=target_samples)
+                 bf16=bf16, resume=resume, init=init, device=device, progress=progress, target_samples=target_samples)
     _run("calm", ctx, data, tokenizer, make_config, loop, autoenc)
 
 
@@ -237,8 +242,8 @@ def baseline(
     min_lr_ratio: float = MinLr, weight_decay: float = Wd, max_steps: Optional[int] = MaxSteps,
     max_minutes: Optional[float] = MaxMin, save_every_min: float = SaveMin, save_every_steps: Optional[int] = SaveSteps,
     eval_every: int = EvalEvery, eval_batches: int = EvalBatches, log_every: int = LogEvery, seed: int = Seed,
-    threads: Optional[int] = Threads, bf16: bool = Bf16, resume: bool = Resume, device: Optional[str] = Device,
-    progress: bool = Progress,
+    threads: Optional[int] = Threads, bf16: bool = Bf16, resume: bool = Resume, init: Optional[Path] = Init,
+    device: Optional[str] = Device, progress: bool = Progress,
 ) -> None:
     """Train the token-level Transformer baseline (same backbone, next-token cross-entropy)."""
 
@@ -249,5 +254,5 @@ def baseline(
                  schedule=schedule, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, max_steps=max_steps,
                  max_minutes=max_minutes, save_every_min=save_every_min, save_every_steps=save_every_steps,
                  eval_every=eval_every, eval_batches=eval_batches, log_every=log_every, seed=seed, threads=threads,
-                 bf16=bf16, resume=resume, device=device, progress=progress)
+                 bf16=bf16, resume=resume, init=init, device=device, progress=progress)
     _run("baseline", ctx, data, tokenizer, make_config, loop)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -13,7 +14,7 @@ from calm_cli.baseline import TokenTransformer, is_baseline, load_baseline, save
 from calm_cli.brier import brier_from_samples, brier_lm
 from calm_cli.checkpoint import load_autoencoder, load_model
 from calm_cli.config import AutoencoderConfig, CALMConfig, read_json
-from calm_cli.errors import UsageError
+from calm_cli.errors import CalmError, UsageError
 from calm_cli.train import TrainOptions, build_model, energy_loss, train
 
 VOCAB = 48
@@ -187,6 +188,28 @@ def test_resume_after_a_crash_is_exact(kind, tmp_path, autoencoder):
         assert resumed[step] == reference[step], (step, resumed[step], reference[step])
 
 
+def test_warm_start_copies_the_backbone_and_keeps_the_new_autoencoder(tmp_path, autoencoder):
+    run("calm", tmp_path / "first", autoencoder, max_steps=3, lr=3e-3)
+    first = load_model(tmp_path / "first" / "checkpoint")
+    torch.manual_seed(1)
+    other_ae = build_model("autoencoder", AutoencoderConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, latent_size=6))
+    config = dataclasses.replace(CALM_CONFIG, latent_size=6)
+    options = TrainOptions(out=tmp_path / "second", block_size=32, batch_size=4, warmup_steps=3, eval_every=0,
+                           threads=1, progress=False, target_samples=8, max_steps=1, lr=0.0, init=tmp_path / "first" / "checkpoint")
+    train("calm", options, TOKENS, HELDOUT, config=config, autoencoder=other_ae)
+    second = load_model(tmp_path / "second" / "checkpoint")
+    for key, value in first.transformer.state_dict().items():  # lr 0: the copied weights are untouched
+        assert torch.equal(second.transformer.state_dict()[key], value), key
+    assert second.generative_head.final_layer.linears[-1].weight.shape[0] == 6  # a fresh head for the 6-d latent
+    for key, value in other_ae.state_dict().items():
+        assert torch.equal(second.ae_model.state_dict()[key], value), key
+    with pytest.raises(CalmError, match="shape"):
+        train("calm", TrainOptions(out=tmp_path / "third", block_size=32, max_steps=1, progress=False,
+                                   init=tmp_path / "first" / "checkpoint"),
+              TOKENS, config=dataclasses.replace(CALM_CONFIG, hidden_size=16, intermediate_size=32),
+              autoencoder=autoencoder)
+
+
 def test_block_size_must_fit_the_patch_size(tmp_path, autoencoder):
     with pytest.raises(UsageError, match="multiple of the patch size"):
         train("calm", TrainOptions(out=tmp_path, block_size=30, max_steps=1, progress=False), TOKENS,
@@ -224,6 +247,12 @@ def test_cli_trains_from_a_prepared_data_dir(tmp_path):
     state = torch.load(tmp_path / "calm" / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 3 and state["options"]["block_size"] == 64
     assert load_model(tmp_path / "calm" / "checkpoint").tokenizer is not None
+    init = ["--init", str(tmp_path / "calm" / "checkpoint")]
+    result = runner.invoke(app, ["train", "calm", str(data), "--out", str(tmp_path / "calm"), "--resume", *init])
+    assert isinstance(result.exception, UsageError) and "--init" in str(result.exception)
+    result = runner.invoke(app, [*calm_args[:4], str(tmp_path / "warm"), *calm_args[5:], *init, "--beta", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert load_model(tmp_path / "warm" / "checkpoint").config.beta == 0.5
 
 
 def test_pipeline_through_the_real_cli(tmp_path):
