@@ -37,16 +37,19 @@ WORD = re.compile(r"[a-z]+(?:['-][a-z]+)*")
 STRIP = string.punctuation + "\u201c\u201d\u2018\u2019"
 
 
+def _pieces(text: str) -> list[str]:
+    """Whitespace-separated pieces, lower-cased, with punctuation stripped from both ends."""
+    return [p for p in (p.strip(STRIP).lower() for p in text.split()) if p]
+
+
 def words(text: str) -> list[str]:
     """Alphabetic words of `text`, lower-cased; pieces with digits or symbols inside are not words."""
-    pieces = (p.strip(STRIP).lower() for p in text.split())
-    return [p for p in pieces if p and WORD.fullmatch(p)]
+    return [p for p in _pieces(text) if WORD.fullmatch(p)]
 
 
 def non_words(text: str) -> list[str]:
     """Pieces that contain letters but are not clean words (e.g. 'ofack.IBOnce')."""
-    pieces = (p.strip(STRIP).lower() for p in text.split())
-    return [p for p in pieces if p and any(c.isalpha() for c in p) and not WORD.fullmatch(p)]
+    return [p for p in _pieces(text) if any(c.isalpha() for c in p) and not WORD.fullmatch(p)]
 
 
 def lexicon(corpus: Path, min_count: int) -> set[str]:

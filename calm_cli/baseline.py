@@ -67,6 +67,11 @@ def is_baseline(config: dict[str, Any]) -> bool:
     return ARCHITECTURE in (config.get("architectures") or [])
 
 
+def is_baseline_dir(directory: Path) -> bool:
+    """True for a model directory written by `save_baseline` (False when it has no config.json)."""
+    return (directory / "config.json").is_file() and is_baseline(read_json(directory / "config.json"))
+
+
 def save_baseline(model: TokenTransformer, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write config.json, model.safetensors and tokenizer.json atomically (see `write_directory`)."""
     target = Path(directory).expanduser()

@@ -61,8 +61,9 @@ class TokenEngine:
         filler = self.eos if self.eos is not None else self.pad
         prompts = [p if p else [filler] for p in prompts]
         limit = self.config.max_position_embeddings
-        if max(len(p) for p in prompts) >= limit:
-            raise UsageError(f"prompt is {max(len(p) for p in prompts)} tokens; the model's context is {limit} tokens")
+        longest = max(len(p) for p in prompts)
+        if longest >= limit:
+            raise UsageError(f"prompt is {longest} tokens; the model's context is {limit} tokens")
         ids, valid, positions = left_pad(prompts, 1, self.pad, self.device)
         batch, width = valid.shape
         max_steps = min(settings.max_tokens, limit - width)

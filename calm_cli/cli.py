@@ -58,12 +58,11 @@ def load_for_cli(model: Optional[Path], device: str, dtype: str, ae: Optional[Pa
     from .checkpoint import load_model
     from .engine import resolve_device, resolve_dtype
 
-    from .baseline import is_baseline, load_baseline
-    from .config import read_json
+    from .baseline import is_baseline_dir, load_baseline
 
     dev = resolve_device(device)
     path = model or default_model_path()
-    if (path / "config.json").is_file() and is_baseline(read_json(path / "config.json")):
+    if is_baseline_dir(path):
         if ae:
             raise UsageError("--ae applies to CALM models; this is a token-level baseline")
         return load_baseline(path, device=dev, dtype=resolve_dtype(dtype, dev), tokenizer=str(tokenizer) if tokenizer else None)
@@ -118,13 +117,12 @@ def generate(
 ) -> None:
     """Continue PROMPT with a CALM model."""
     from .baseline_engine import make_engine
-    from .engine import CANDIDATE_DECODERS, GenerationSettings, GenerationStats, check_settings
+    from .engine import GenerationSettings, GenerationStats, check_candidate_decoder, check_settings
     from .generation import stream_text
 
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
     check_settings(settings)
-    if candidate_decoder not in CANDIDATE_DECODERS:
-        raise UsageError(f"--candidate-decoder must be 'dense' or 'fast', got '{candidate_decoder}'")
+    check_candidate_decoder(candidate_decoder)
     if jsonl and prompt is not None:
         raise UsageError("--jsonl reads prompts from stdin or -f FILE, not from PROMPT")
     lines = _jsonl_input(file) if jsonl else []
@@ -472,14 +470,13 @@ def convert(
     ae: Optional[Path] = typer.Option(None, "--ae", help="Autoencoder directory, overriding the checkpoint's ae_path."),
 ) -> None:
     """Rewrite a checkpoint (CALM or token-level baseline) in calm's own single-file layout."""
-    from .baseline import is_baseline, load_baseline, save_baseline
+    from .baseline import is_baseline_dir, load_baseline, save_baseline
     from .checkpoint import load_model, save_model
-    from .config import read_json
     from .engine import DTYPES
 
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype '{dtype}' (use fp32, bf16 or fp16)")
-    if (src / "config.json").is_file() and is_baseline(read_json(src / "config.json")):
+    if is_baseline_dir(src):
         save_baseline(load_baseline(src), dst, dtype=DTYPES[dtype])
     else:
         save_model(load_model(src, ae=str(ae) if ae else None), dst, dtype=DTYPES[dtype])

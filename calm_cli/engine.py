@@ -70,8 +70,7 @@ class Engine:
     """Owns a CALM model on one device; `stream` yields tokens chunk by chunk."""
 
     def __init__(self, model: CALM, compile: bool = False, candidate_decoder: str = "fast") -> None:
-        if candidate_decoder not in CANDIDATE_DECODERS:
-            raise UsageError(f"--candidate-decoder must be 'dense' or 'fast', got '{candidate_decoder}'")
+        check_candidate_decoder(candidate_decoder)
         self.model = model
         # Both give the same chunks (calm_cli/fastdecode.py); dense is kept for comparison.
         self.decode_chunks = FastCandidateDecoder(model.ae_model) if candidate_decoder == "fast" else model.ae_model.decode_tokens
@@ -229,6 +228,11 @@ def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
     return generator
+
+
+def check_candidate_decoder(name: str) -> None:
+    if name not in CANDIDATE_DECODERS:
+        raise UsageError(f"--candidate-decoder must be 'dense' or 'fast', got '{name}'")
 
 
 def check_settings(settings: GenerationSettings) -> None:

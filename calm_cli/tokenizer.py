@@ -23,4 +23,3 @@ def vocab_size(tokenizer: Tokenizer) -> int:
 def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
     """Token ids; with special tokens the post-processor prepends BOS, as Llama-3's does."""
     return tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-

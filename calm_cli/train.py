@@ -253,8 +253,8 @@ def build_model(kind: str, config: AutoencoderConfig | CALMConfig, autoencoder: 
     return model
 
 
-def warm_start(kind: str, model: nn.Module, directory: Path) -> list[str]:
-    """Copy the weights of a saved model of the same kind into a fresh one; returns what was copied.
+def warm_start(kind: str, model: nn.Module, directory: Path) -> None:
+    """Copy the weights of a saved model of the same kind into a fresh one.
 
     Every trainable part must match in shape, except that a CALM whose autoencoder has a
     different latent size keeps its fresh generative head: the backbone reads tokens, not
@@ -262,14 +262,11 @@ def warm_start(kind: str, model: nn.Module, directory: Path) -> list[str]:
     """
     source = _load_checkpoint_model(kind, Path(directory))
     parts = ["transformer", "embed_proj", "generative_head"] if kind == "calm" else [""]
-    copied = []
     for name in parts:
         mine, theirs = (m.get_submodule(name) if name else m for m in (model, source))
         if name == "generative_head" and source.config.latent_size != model.config.latent_size:
             continue
         load_weights(mine, theirs.state_dict(), f"{directory} ({name or kind})")
-        copied.append(name or kind)
-    return copied
 
 
 def _objective(kind: str, model: nn.Module, options: TrainOptions) -> nn.Module:
