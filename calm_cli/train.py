@@ -58,6 +58,7 @@ class TrainOptions:
     grad_clip: float = 1.0
     max_steps: int | None = None
     max_minutes: float | None = None  # per invocation; stops cleanly and saves
+    stop_at: int | None = None  # per invocation: end at this step; the schedule still runs to max_steps
     save_every_min: float = 10.0
     save_every_steps: int | None = None
     eval_every: int = 500  # 0: only at the end
@@ -256,15 +257,18 @@ def build_model(kind: str, config: AutoencoderConfig | CALMConfig, autoencoder: 
 def warm_start(kind: str, model: nn.Module, directory: Path) -> None:
     """Copy the weights of a saved model of the same kind into a fresh one.
 
-    Every trainable part must match in shape, except that a CALM whose autoencoder has a
-    different latent size keeps its fresh generative head: the backbone reads tokens, not
-    latents, so it carries over to a new autoencoder. The frozen autoencoder is never copied.
+    Every trainable part must match in shape, with two exceptions that let a CALM backbone
+    move to a new autoencoder: `embed_proj` (it reads K token embeddings) stays fresh when
+    the patch size differs, and the generative head (it writes latents) stays fresh when
+    the latent size differs. The frozen autoencoder is never copied.
     """
     source = _load_checkpoint_model(kind, Path(directory))
     parts = ["transformer", "embed_proj", "generative_head"] if kind == "calm" else [""]
+    depends_on = {"embed_proj": "patch_size", "generative_head": "latent_size"}
     for name in parts:
         mine, theirs = (m.get_submodule(name) if name else m for m in (model, source))
-        if name == "generative_head" and source.config.latent_size != model.config.latent_size:
+        field = depends_on.get(name)
+        if field and getattr(source.config, field) != getattr(model.config, field):
             continue
         load_weights(mine, theirs.state_dict(), f"{directory} ({name or kind})")
 
@@ -647,13 +651,13 @@ class _Trainer:
         window_steps, window_time = 0, 0.0
         try:
             with _stop_on_sigint() as interrupted:
-                while o.max_steps is None or self.step < o.max_steps:
+                while (o.max_steps is None or self.step < o.max_steps) and (o.stop_at is None or self.step < o.stop_at):
                     t0 = time.monotonic()
                     sums, grad_norm = self.train_step(tokens)
                     for key, value in sums.items():
                         window[key] = window.get(key, 0.0) + value
                     window_steps, window_time = window_steps + 1, window_time + time.monotonic() - t0
-                    finishing = self.should_stop(interrupted[0], window_time / window_steps) or self.step == o.max_steps
+                    finishing = self.should_stop(interrupted[0], window_time / window_steps) or self.step in (o.max_steps, o.stop_at)
                     elapsed = time.monotonic() - self.started
                     if self.step % o.log_every == 0 or finishing:
                         record = self.log_window(window, window_steps, window_time, grad_norm)

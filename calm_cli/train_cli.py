@@ -29,6 +29,7 @@ Schedule = typer.Option("constant", "--schedule", help="After warm-up: constant 
 MinLr = typer.Option(0.1, "--min-lr-ratio", help="Cosine floor as a fraction of --lr.")
 Wd = typer.Option(0.1, "--weight-decay", help="On weight matrices only (not norms, biases, embeddings).")
 MaxSteps = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps in total.")
+StopAt = typer.Option(None, "--stop-at", help="End this invocation (and save) at this step; the schedule still runs to --max-steps, so --resume continues it. Rebuilds a time-limited run exactly.")
 MaxMin = typer.Option(None, "--max-minutes", help="Stop cleanly (and save) before this many minutes of this invocation.")
 SaveMin = typer.Option(10.0, "--save-every-min", help="Checkpoint every this many minutes (and at the end).")
 SaveSteps = typer.Option(None, "--save-every-steps", help="Also checkpoint every this many steps.")
@@ -39,7 +40,7 @@ Seed = typer.Option(0, "--seed", help="Seed of initialisation, data order and no
 Threads = typer.Option(None, "--threads", help="CPU threads (default: all cores available).")
 Bf16 = typer.Option(False, "--bf16/--fp32", help="bf16 autocast (weights and optimizer stay fp32).")
 Resume = typer.Option(False, "--resume", help="Continue from OUT/checkpoint exactly where it stopped.")
-Init = typer.Option(None, "--init", help="Fresh run starting from the weights of this saved model of the same kind and shape (fresh optimizer and step count).")
+Init = typer.Option(None, "--init", help="Fresh run starting from the weights of this saved model of the same kind and shape (fresh optimizer and step count); a CALM backbone also moves to an autoencoder of another K or latent size.")
 Device = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA when present; torchrun sets one per process).")
 Progress = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr.")
 Hidden = typer.Option(256, "--hidden", help="Hidden size.")
@@ -104,7 +105,7 @@ def _resumed(ctx: typer.Context, loop: dict[str, Any]) -> dict[str, Any]:
     merged = dict(loop)
     for key, value in saved_options(loop["out"]).items():
         param = "warmup" if key == "warmup_steps" else key
-        if key in loop and key not in ("out", "resume") and _is_default(ctx, param):
+        if key in loop and key not in ("out", "resume", "stop_at") and _is_default(ctx, param):
             merged[key] = value
     return merged
 
@@ -150,7 +151,7 @@ def autoencoder(
     batch_size: int = typer.Option(4, "--batch-size", help="Blocks per micro-batch (per device)."),
     grad_accum: int = Accum, lr: float = Lr, warmup: int = Warmup, schedule: str = Schedule,
     min_lr_ratio: float = MinLr, weight_decay: float = Wd, max_steps: Optional[int] = MaxSteps,
-    max_minutes: Optional[float] = MaxMin, save_every_min: float = SaveMin, save_every_steps: Optional[int] = SaveSteps,
+    max_minutes: Optional[float] = MaxMin, stop_at: Optional[int] = StopAt, save_every_min: float = SaveMin, save_every_steps: Optional[int] = SaveSteps,
     eval_every: int = EvalEvery, eval_batches: int = EvalBatches, log_every: int = LogEvery, seed: int = Seed,
     threads: Optional[int] = Threads, bf16: bool = Bf16, resume: bool = Resume, init: Optional[Path] = Init,
     device: Optional[str] = Device, progress: bool = Progress,
@@ -168,7 +169,7 @@ def autoencoder(
 
     loop = _loop(out=out, block_size=block_size, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
                  schedule=schedule, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, max_steps=max_steps,
-                 max_minutes=max_minutes, save_every_min=save_every_min, save_every_steps=save_every_steps,
+                 max_minutes=max_minutes, stop_at=stop_at, save_every_min=save_every_min, save_every_steps=save_every_steps,
                  eval_every=eval_every, eval_batches=eval_batches, log_every=log_every, seed=seed, threads=threads,
                  bf16=bf16, resume=resume, init=init, device=device, progress=progress)
     _run("autoencoder", ctx, data, tokenizer, make_config, loop)
@@ -198,7 +199,7 @@ def calm(
     block_size: int = typer.Option(1024, "--block-size", help="Tokens per training block (a multiple of K)."),
     batch_size: int = BatchSize, grad_accum: int = Accum, lr: float = Lr, warmup: int = Warmup, schedule: str = Schedule,
     min_lr_ratio: float = MinLr, weight_decay: float = Wd, max_steps: Optional[int] = MaxSteps,
-    max_minutes: Optional[float] = MaxMin, save_every_min: float = SaveMin, save_every_steps: Optional[int] = SaveSteps,
+    max_minutes: Optional[float] = MaxMin, stop_at: Optional[int] = StopAt, save_every_min: float = SaveMin, save_every_steps: Optional[int] = SaveSteps,
     eval_every: int = EvalEvery, eval_batches: int = EvalBatches, log_every: int = LogEvery, seed: int = Seed,
     threads: Optional[int] = Threads, bf16: bool = Bf16, resume: bool = Resume, init: Optional[Path] = Init,
     device: Optional[str] = Device, progress: bool = Progress,
@@ -226,7 +227,7 @@ def calm(
 
     loop = _loop(out=out, block_size=block_size, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
                  schedule=schedule, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, max_steps=max_steps,
-                 max_minutes=max_minutes, save_every_min=save_every_min, save_every_steps=save_every_steps,
+                 max_minutes=max_minutes, stop_at=stop_at, save_every_min=save_every_min, save_every_steps=save_every_steps,
                  eval_every=eval_every, eval_batches=eval_batches, log_every=log_every, seed=seed, threads=threads,
                  bf16=bf16, resume=resume, init=init, device=device, progress=progress, target_samples=target_samples)
     _run("calm", ctx, data, tokenizer, make_config, loop, autoenc)
@@ -240,7 +241,7 @@ def baseline(
     block_size: int = typer.Option(1024, "--block-size", help="Tokens per training block."),
     batch_size: int = BatchSize, grad_accum: int = Accum, lr: float = Lr, warmup: int = Warmup, schedule: str = Schedule,
     min_lr_ratio: float = MinLr, weight_decay: float = Wd, max_steps: Optional[int] = MaxSteps,
-    max_minutes: Optional[float] = MaxMin, save_every_min: float = SaveMin, save_every_steps: Optional[int] = SaveSteps,
+    max_minutes: Optional[float] = MaxMin, stop_at: Optional[int] = StopAt, save_every_min: float = SaveMin, save_every_steps: Optional[int] = SaveSteps,
     eval_every: int = EvalEvery, eval_batches: int = EvalBatches, log_every: int = LogEvery, seed: int = Seed,
     threads: Optional[int] = Threads, bf16: bool = Bf16, resume: bool = Resume, init: Optional[Path] = Init,
     device: Optional[str] = Device, progress: bool = Progress,
@@ -252,7 +253,7 @@ def baseline(
 
     loop = _loop(out=out, block_size=block_size, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
                  schedule=schedule, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, max_steps=max_steps,
-                 max_minutes=max_minutes, save_every_min=save_every_min, save_every_steps=save_every_steps,
+                 max_minutes=max_minutes, stop_at=stop_at, save_every_min=save_every_min, save_every_steps=save_every_steps,
                  eval_every=eval_every, eval_batches=eval_batches, log_every=log_every, seed=seed, threads=threads,
                  bf16=bf16, resume=resume, init=init, device=device, progress=progress)
     _run("baseline", ctx, data, tokenizer, make_config, loop)

@@ -188,6 +188,22 @@ def test_resume_after_a_crash_is_exact(kind, tmp_path, autoencoder):
         assert resumed[step] == reference[step], (step, resumed[step], reference[step])
 
 
+def test_stop_at_ends_early_on_the_full_schedule_and_resume_finishes_it(tmp_path, autoencoder):
+    records: list = []
+    run("calm", tmp_path / "straight", autoencoder, records, max_steps=8, schedule="cosine", lr=3e-3)
+    reference = {r["step"]: (r["loss"], r["lr"]) for r in records if r["event"] == "train"}
+    first: list = []
+    run("calm", tmp_path / "split", autoencoder, first, max_steps=8, schedule="cosine", lr=3e-3, stop_at=3)
+    assert max(r["step"] for r in first if r["event"] == "train") == 3
+    rest: list = []
+    options = TrainOptions(out=tmp_path / "split", resume=True, log_every=1, eval_every=0, threads=1, progress=False,
+                           block_size=32, batch_size=4, warmup_steps=3, target_samples=8, max_steps=8,
+                           schedule="cosine", lr=3e-3, callback=rest.append)
+    train("calm", options, TOKENS, HELDOUT)
+    split = {r["step"]: (r["loss"], r["lr"]) for r in first + rest if r["event"] == "train"}
+    assert split == reference  # same learning rates and bit-identical losses as the uninterrupted run
+
+
 def test_warm_start_copies_the_backbone_and_keeps_the_new_autoencoder(tmp_path, autoencoder):
     run("calm", tmp_path / "first", autoencoder, max_steps=3, lr=3e-3)
     first = load_model(tmp_path / "first" / "checkpoint")
@@ -201,6 +217,8 @@ def test_warm_start_copies_the_backbone_and_keeps_the_new_autoencoder(tmp_path, 
     for key, value in first.transformer.state_dict().items():  # lr 0: the copied weights are untouched
         assert torch.equal(second.transformer.state_dict()[key], value), key
     assert second.generative_head.final_layer.linears[-1].weight.shape[0] == 6  # a fresh head for the 6-d latent
+    for key, value in first.embed_proj.state_dict().items():  # same K: embed_proj carries over
+        assert torch.equal(second.embed_proj.state_dict()[key], value), key
     for key, value in other_ae.state_dict().items():
         assert torch.equal(second.ae_model.state_dict()[key], value), key
     with pytest.raises(CalmError, match="shape"):
@@ -208,6 +226,23 @@ def test_warm_start_copies_the_backbone_and_keeps_the_new_autoencoder(tmp_path, 
                                    init=tmp_path / "first" / "checkpoint"),
               TOKENS, config=dataclasses.replace(CALM_CONFIG, hidden_size=16, intermediate_size=32),
               autoencoder=autoencoder)
+
+
+def test_warm_start_to_another_patch_size_keeps_the_transformer_only(tmp_path, autoencoder):
+    run("calm", tmp_path / "first", autoencoder, max_steps=3, lr=3e-3)
+    first = load_model(tmp_path / "first" / "checkpoint")
+    torch.manual_seed(1)
+    ae_k2 = build_model("autoencoder", AutoencoderConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                                         latent_size=6, patch_size=2))
+    config = dataclasses.replace(CALM_CONFIG, latent_size=6, patch_size=2)
+    options = TrainOptions(out=tmp_path / "second", block_size=32, batch_size=4, warmup_steps=3, eval_every=0,
+                           threads=1, progress=False, target_samples=8, max_steps=1, lr=0.0, init=tmp_path / "first" / "checkpoint")
+    train("calm", options, TOKENS, HELDOUT, config=config, autoencoder=ae_k2)
+    second = load_model(tmp_path / "second" / "checkpoint")
+    assert second.patch_size == 2
+    for key, value in first.transformer.state_dict().items():
+        assert torch.equal(second.transformer.state_dict()[key], value), key
+    assert second.embed_proj[0].weight.shape[1] == 2 * CALM_CONFIG.hidden_size  # fresh, reading two embeddings
 
 
 def test_block_size_must_fit_the_patch_size(tmp_path, autoencoder):
