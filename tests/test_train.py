@@ -204,16 +204,21 @@ def test_stop_at_ends_early_on_the_full_schedule_and_resume_finishes_it(tmp_path
     assert split == reference  # same learning rates and bit-identical losses as the uninterrupted run
 
 
-def test_warm_start_copies_the_backbone_and_keeps_the_new_autoencoder(tmp_path, autoencoder):
+def warm_start_onto(tmp_path: Path, autoencoder, patch_size: int):
+    """Train a CALM a few steps, then warm-start (lr 0) a CALM over a fresh 6-d autoencoder with K = patch_size."""
     run("calm", tmp_path / "first", autoencoder, max_steps=3, lr=3e-3)
-    first = load_model(tmp_path / "first" / "checkpoint")
     torch.manual_seed(1)
-    other_ae = build_model("autoencoder", AutoencoderConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, latent_size=6))
-    config = dataclasses.replace(CALM_CONFIG, latent_size=6)
+    other_ae = build_model("autoencoder", AutoencoderConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                                            latent_size=6, patch_size=patch_size))
+    config = dataclasses.replace(CALM_CONFIG, latent_size=6, patch_size=patch_size)
     options = TrainOptions(out=tmp_path / "second", block_size=32, batch_size=4, warmup_steps=3, eval_every=0,
                            threads=1, progress=False, target_samples=8, max_steps=1, lr=0.0, init=tmp_path / "first" / "checkpoint")
     train("calm", options, TOKENS, HELDOUT, config=config, autoencoder=other_ae)
-    second = load_model(tmp_path / "second" / "checkpoint")
+    return load_model(tmp_path / "first" / "checkpoint"), load_model(tmp_path / "second" / "checkpoint"), other_ae
+
+
+def test_warm_start_copies_the_backbone_and_keeps_the_new_autoencoder(tmp_path, autoencoder):
+    first, second, other_ae = warm_start_onto(tmp_path, autoencoder, patch_size=4)
     for key, value in first.transformer.state_dict().items():  # lr 0: the copied weights are untouched
         assert torch.equal(second.transformer.state_dict()[key], value), key
     assert second.generative_head.final_layer.linears[-1].weight.shape[0] == 6  # a fresh head for the 6-d latent
@@ -229,16 +234,7 @@ def test_warm_start_copies_the_backbone_and_keeps_the_new_autoencoder(tmp_path, 
 
 
 def test_warm_start_to_another_patch_size_keeps_the_transformer_only(tmp_path, autoencoder):
-    run("calm", tmp_path / "first", autoencoder, max_steps=3, lr=3e-3)
-    first = load_model(tmp_path / "first" / "checkpoint")
-    torch.manual_seed(1)
-    ae_k2 = build_model("autoencoder", AutoencoderConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                                         latent_size=6, patch_size=2))
-    config = dataclasses.replace(CALM_CONFIG, latent_size=6, patch_size=2)
-    options = TrainOptions(out=tmp_path / "second", block_size=32, batch_size=4, warmup_steps=3, eval_every=0,
-                           threads=1, progress=False, target_samples=8, max_steps=1, lr=0.0, init=tmp_path / "first" / "checkpoint")
-    train("calm", options, TOKENS, HELDOUT, config=config, autoencoder=ae_k2)
-    second = load_model(tmp_path / "second" / "checkpoint")
+    first, second, _ = warm_start_onto(tmp_path, autoencoder, patch_size=2)
     assert second.patch_size == 2
     for key, value in first.transformer.state_dict().items():
         assert torch.equal(second.transformer.state_dict()[key], value), key
