@@ -6,7 +6,7 @@ chunk's share.  Each position's empirical chunk distribution P^ then stands in f
 (resampling from it costs no decoding), to compare per temperature:
 
 * the fixed-N rule (N = 200 candidates, the authors' pool) and the adaptive pool (grown
-  ``--pool-block`` at a time until settled, ``calm_cli.sampling.settled``): the total-variation
+  ``--pool-block`` at a time until settled, ``calm_cli.runtime.sampling.settled``): the total-variation
   distance between their selection distributions, each averaged exactly (Rao-Blackwellised)
   over ``--replicates`` simulated candidate sequences, and the candidates each needs;
 * the exact sampler as the engine runs it (rounds of 8 doubling to 200): candidates per step.
@@ -30,10 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calm_cli.checkpoint import load_autoencoder, load_model  # noqa: E402
-from calm_cli.engine import EXACT_BLOCK  # noqa: E402
-from calm_cli.fastdecode import FastCandidateDecoder  # noqa: E402
-from calm_cli.sampling import (  # noqa: E402
+from calm_cli.io.checkpoint import load_autoencoder, load_model  # noqa: E402
+from calm_cli.runtime.engine import EXACT_BLOCK  # noqa: E402
+from calm_cli.runtime.fastdecode import FastCandidateDecoder  # noqa: E402
+from calm_cli.runtime.sampling import (  # noqa: E402
     SETTLE_TV,
     SETTLE_Z,
     SamplingStats,

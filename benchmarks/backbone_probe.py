@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calm_cli.checkpoint import load_model  # noqa: E402
-from calm_cli.train import heldout_blocks  # noqa: E402
+from calm_cli.io.checkpoint import load_model  # noqa: E402
+from calm_cli.training.train import heldout_blocks  # noqa: E402
 
 
 def features(model, tokens: torch.Tensor, blocks: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:

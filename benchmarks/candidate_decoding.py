@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calm_cli.autoencoder import Autoencoder  # noqa: E402
-from calm_cli.checkpoint import load_autoencoder, load_model  # noqa: E402
-from calm_cli.config import AutoencoderConfig  # noqa: E402
-from calm_cli.fastdecode import FastCandidateDecoder, FastDecodeStats  # noqa: E402
+from calm_cli.io.checkpoint import load_autoencoder, load_model  # noqa: E402
+from calm_cli.models.autoencoder import Autoencoder  # noqa: E402
+from calm_cli.models.config import AutoencoderConfig  # noqa: E402
+from calm_cli.runtime.fastdecode import FastCandidateDecoder, FastDecodeStats  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:

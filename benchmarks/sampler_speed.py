@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calm_cli import engine  # noqa: E402
-from calm_cli.checkpoint import load_model  # noqa: E402
-from calm_cli.engine import Engine, GenerationSettings, GenerationStats  # noqa: E402
+from calm_cli.io.checkpoint import load_model  # noqa: E402
+from calm_cli.runtime import engine  # noqa: E402
+from calm_cli.runtime.engine import Engine, GenerationSettings, GenerationStats  # noqa: E402
 
 ADAPTIVE_BLOCK = 16
 

@@ -1,7 +1,7 @@
 """Time the approximate sampler's counting + selection per decoding step (not a test).
 
 The pool is drawn once by a fake sampler, so the numbers exclude the model: they are the
-overhead `calm_cli.sampling` adds on top of decoding the candidates.
+overhead `calm_cli.runtime.sampling` adds on top of decoding the candidates.
 
     python benchmarks/sampling_overhead.py [--device cuda] [--repeats 200]
 """
@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calm_cli.sampling import select_from_pool  # noqa: E402
+from calm_cli.runtime.sampling import select_from_pool  # noqa: E402
 
 VOCAB = 128256
 CHUNK = 4

@@ -24,10 +24,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calm_cli.baseline_engine import make_engine  # noqa: E402
-from calm_cli.cli import load_for_cli  # noqa: E402
-from calm_cli.engine import GenerationSettings  # noqa: E402
-from calm_cli.generation import generate  # noqa: E402
+from calm_cli.cli.main import load_for_cli  # noqa: E402
+from calm_cli.runtime.engine import GenerationSettings  # noqa: E402
+from calm_cli.runtime.text import generate  # noqa: E402
+from calm_cli.runtime.token_engine import make_engine  # noqa: E402
 
 PROMPTS = [
     "The history of", "In the morning", "She said that", "The kernel", "It is a truth",
@@ -87,7 +87,7 @@ def main() -> None:
     lex = lexicon(args.corpus, args.min_count)
     rows = []
     if args.heldout and args.tokenizer:
-        from calm_cli.tokenizer import load_tokenizer
+        from calm_cli.io.tokenizer import load_tokenizer
 
         ids = np.fromfile(args.heldout, dtype=np.uint16)[:20000].tolist()
         text = load_tokenizer(args.tokenizer).decode(ids, skip_special_tokens=True)

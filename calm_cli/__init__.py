@@ -5,9 +5,9 @@ import warnings
 # torch warns at import when numpy is absent; calm never needs numpy at run time.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-from .checkpoint import load_autoencoder, load_model, save_model
-from .engine import Engine, GenerationSettings, GenerationStats
-from .generation import generate, stream_text
+from .io.checkpoint import load_autoencoder, load_model, save_model
+from .runtime.engine import Engine, GenerationSettings, GenerationStats
+from .runtime.text import generate, stream_text
 
 __all__ = [
     "Engine",

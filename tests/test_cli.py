@@ -7,9 +7,8 @@ import subprocess
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from helpers import calm_command, run_calm
+from safetensors.torch import load_file
 
 MODEL = "tests/fixtures/official-tiny/calm"
 

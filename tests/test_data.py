@@ -6,6 +6,7 @@ import array
 import gzip
 import json
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -13,16 +14,17 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from calm_cli import corpus
-from calm_cli.data import (
+from calm_cli.errors import CalmError
+from calm_cli.io.documents import iter_documents, load_tokens
+from calm_cli.training.data import (
     assign_splits,
     heldout_score,
-    iter_documents,
-    load_tokens,
     prepare_data,
     train_tokenizer,
 )
-from calm_cli.errors import CalmError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import corpus  # noqa: E402  (the corpus recipe lives in scripts/, outside the package)
 
 TINY = Path(__file__).parent / "data" / "tiny_corpus.txt"
 OFFICIAL_TOKENIZER = Path(__file__).parent / "fixtures" / "official-tiny" / "tokenizer.json"

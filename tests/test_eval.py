@@ -8,17 +8,25 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from calm_cli.backbone import KVCache
-from calm_cli.baseline import TokenTransformer
-from calm_cli.config import AutoencoderConfig, CALMConfig
-from calm_cli.data import prepare_data
-from calm_cli.errors import UsageError
-from calm_cli.evaluate import (
-    _Side, check_arguments, continue_pairs, evaluate, evaluate_documents, make_windows, plan_windows, sampled_scores, tree_hidden,
-)
-from calm_cli.model import CALM
 from helpers import run_calm
+
+from calm_cli.errors import UsageError
+from calm_cli.eval.evaluate import (
+    _Side,
+    check_arguments,
+    continue_pairs,
+    evaluate,
+    evaluate_documents,
+    make_windows,
+    plan_windows,
+    sampled_scores,
+    tree_hidden,
+)
+from calm_cli.models.backbone import KVCache
+from calm_cli.models.baseline import TokenTransformer
+from calm_cli.models.calm import CALM
+from calm_cli.models.config import AutoencoderConfig, CALMConfig
+from calm_cli.training.data import prepare_data
 
 CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
 FIXTURE = Path(__file__).parent / "fixtures" / "official-tiny" / "calm"

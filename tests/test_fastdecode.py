@@ -12,13 +12,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_calm
 
-from calm_cli import fastdecode
-from calm_cli.autoencoder import Autoencoder
-from calm_cli.config import AutoencoderConfig
-from calm_cli.engine import Engine, GenerationSettings
 from calm_cli.errors import UsageError
-from calm_cli.fastdecode import (
+from calm_cli.models.autoencoder import Autoencoder
+from calm_cli.models.config import AutoencoderConfig
+from calm_cli.runtime import fastdecode
+from calm_cli.runtime.engine import Engine, GenerationSettings
+from calm_cli.runtime.fastdecode import (
     BF16_UNIT,
     DEFAULT_TILE,
     FastCandidateDecoder,
@@ -27,8 +28,6 @@ from calm_cli.fastdecode import (
     _accumulates_in_float32,
     score_error,
 )
-from helpers import run_calm
-
 
 MIN_WORK = fastdecode.MIN_WORK
 

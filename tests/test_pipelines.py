@@ -9,7 +9,6 @@ import subprocess
 
 import pexpect
 import pytest
-
 from helpers import calm_command, run_calm
 
 MODEL = "tests/fixtures/official-tiny/calm"

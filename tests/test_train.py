@@ -10,12 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from calm_cli.baseline import TokenTransformer, is_baseline, load_baseline, save_baseline
-from calm_cli.brier import brier_from_samples, brier_lm
-from calm_cli.checkpoint import load_autoencoder, load_model
-from calm_cli.config import AutoencoderConfig, CALMConfig, read_json
 from calm_cli.errors import CalmError, UsageError
-from calm_cli.train import TrainOptions, build_model, energy_loss, train
+from calm_cli.eval.brier import brier_from_samples, brier_lm
+from calm_cli.io.checkpoint import (
+    is_baseline,
+    load_autoencoder,
+    load_baseline,
+    load_model,
+    save_baseline,
+)
+from calm_cli.models.baseline import TokenTransformer
+from calm_cli.models.config import AutoencoderConfig, CALMConfig, read_json
+from calm_cli.training.train import TrainOptions, build_model, energy_loss, train
 
 VOCAB = 48
 AE_CONFIG = AutoencoderConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, latent_size=8)
@@ -251,8 +257,8 @@ def test_cli_trains_from_a_prepared_data_dir(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from calm_cli.data import prepare_data, train_tokenizer
-    from calm_cli.train_cli import train_app
+    from calm_cli.cli.train import train_app
+    from calm_cli.training.data import prepare_data, train_tokenizer
 
     corpus = Path(__file__).parent / "data" / "tiny_corpus.txt"
     data = tmp_path / "data"

@@ -60,16 +60,22 @@ from typing import Any, Union
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
-from .backbone import KVCache, rope_tables
-from .baseline import TokenTransformer
+from ..errors import CalmError, UsageError
+from ..io.documents import iter_documents, load_tokens
+from ..io.tokenizer import encode, load_tokenizer
+from ..models.backbone import KVCache
+from ..models.baseline import TokenTransformer
+from ..models.calm import CALM
+from ..models.config import read_json
 from .brier import brier_lm_rows, brier_per_position, prefix_match
-from .config import read_json
-from .data import iter_documents, load_tokens
-from .errors import CalmError, UsageError
-from .model import CALM
-from .tokenizer import encode, load_tokenizer
 
 WIDTH = 4  # Brier-1..4
 RESAMPLES = 2000
@@ -274,7 +280,7 @@ def tree_hidden(side: _Side, cache: KVCache, n: int, b: torch.Tensor, t: torch.T
     appended after slot n and each attends to the window's slots 0..t and to its own
     earlier path chunks (a tree mask), so no true prefix is recomputed. b must be sorted.
     """
-    config, device = side.model.config, path.device
+    device = path.device
     rows, depth = path.shape[:2]
     windows, sizes = torch.unique_consecutive(b, return_counts=True)
     group = torch.repeat_interleave(torch.arange(len(windows), device=device), sizes)
@@ -300,11 +306,9 @@ def tree_hidden(side: _Side, cache: KVCache, n: int, b: torch.Tensor, t: torch.T
     def extended(buffer: torch.Tensor) -> torch.Tensor:
         return torch.cat([buffer[windows], buffer.new_zeros(len(windows), buffer.shape[1], width, buffer.shape[3])], dim=2)
 
-    cos, sin = rope_tables(positions, config.head_dim, config.rope_theta)
     x = side.embed(tokens.reshape(len(windows), width * side.k))
-    for layer, keys, values in zip(side.backbone.layers, cache.keys, cache.values):
-        x = layer(x, cos, sin, mask, (extended(keys), extended(values)), n)
-    return side.backbone.norm(x)[group, column[:, -1]]
+    caches = [(extended(keys), extended(values)) for keys, values in zip(cache.keys, cache.values)]
+    return side.backbone.run_layers(x, positions, mask, caches, n)[group, column[:, -1]]
 
 
 def _score_batch(side: _Side, windows: list[Window], gen: torch.Generator, exact: bool) -> torch.Tensor:

@@ -30,13 +30,22 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 
-from .autoencoder import Autoencoder
-from .baseline import TokenTransformer, load_baseline, save_baseline
-from .brier import brier_from_samples, brier_lm
-from .checkpoint import TIED_AE_KEY, load_autoencoder, load_model, load_weights, save_model, write_directory
-from .config import AutoencoderConfig, CALMConfig, config_to_dict
-from .errors import CalmError, UsageError
-from .model import CALM
+from ..errors import CalmError, UsageError
+from ..eval.brier import brier_from_samples, brier_lm
+from ..io.checkpoint import (
+    TIED_AE_KEY,
+    load_autoencoder,
+    load_baseline,
+    load_model,
+    load_weights,
+    save_baseline,
+    save_model,
+    write_directory,
+)
+from ..models.autoencoder import Autoencoder
+from ..models.baseline import TokenTransformer
+from ..models.calm import CALM
+from ..models.config import AutoencoderConfig, CALMConfig, config_to_dict
 
 KINDS = ("autoencoder", "calm", "baseline")
 DISTANCE_EPS = 1e-12  # keeps the gradient of ||a - b||^beta finite when two vectors coincide
@@ -428,7 +437,13 @@ class _Progress:
 
     def __init__(self, enabled: bool, options: TrainOptions, kind: str, start: int) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.by_steps = options.max_steps is not None
         total = options.max_steps if self.by_steps else (options.max_minutes * 60 if options.max_minutes else None)

@@ -24,15 +24,23 @@ from typing import Any, Callable
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 from torch import nn
 
-from .autoencoder import Autoencoder
-from .config import AutoencoderConfig, CALMConfig, config_from_dict, config_to_dict, read_json
-from .errors import CalmError, UsageError
-from .model import CALM
-from tokenizers import Tokenizer
-
-from .tokenizer import load_tokenizer, vocab_size as tokenizer_vocab_size
+from ..errors import CalmError, UsageError
+from ..models.autoencoder import Autoencoder
+from ..models.baseline import ARCHITECTURE, TokenTransformer
+from ..models.calm import CALM
+from ..models.config import (
+    AutoencoderConfig,
+    CALMConfig,
+    config_from_dict,
+    config_to_dict,
+    read_json,
+)
+from .atomic import usual_mode
+from .tokenizer import load_tokenizer
+from .tokenizer import vocab_size as tokenizer_vocab_size
 
 TIED_AE_KEY = "decoder.lm_head_weight"
 
@@ -163,7 +171,7 @@ def load_model(
     directory = _check_dir(path)
     raw = read_json(directory / "config.json")
     if "TokenTransformer" in (raw.get("architectures") or []):
-        raise CalmError(f"{directory}: a token-level baseline, not a CALM model (load it with calm_cli.baseline.load_baseline)")
+        raise CalmError(f"{directory}: a token-level baseline, not a CALM model (load it with calm_cli.io.checkpoint.load_baseline)")
     if not _is_calm(raw):
         raise CalmError(f"{directory}: config.json describes an autoencoder, not a CALM model (use calm encode/decode)")
     config = config_from_dict(CALMConfig, raw, str(directory / "config.json"))
@@ -261,7 +269,8 @@ def write_directory(target: Path, config: dict[str, Any], state: dict[str, torch
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(str(tmp / "tokenizer.json"))
-        _default_permissions(tmp)
+        for path in [tmp, *tmp.iterdir()]:
+            usual_mode(path)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             os.replace(target, old)
@@ -274,35 +283,11 @@ def write_directory(target: Path, config: dict[str, Any], state: dict[str, torch
         raise
 
 
-def _default_permissions(path: Path) -> None:
-    """Temporary files and directories are private (0600/0700); give the result the usual umask modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [path, *path.iterdir()] if path.is_dir() else [path]:
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
-
-
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """save_file to a temporary name in the same directory, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        _default_permissions(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """What `calm info` prints: the config, K, parameter counts per part, dtype and file format."""
     directory = _check_dir(path)
     raw = read_json(directory / "config.json")
     if "TokenTransformer" in (raw.get("architectures") or []):
-        from .baseline import load_baseline
 
         baseline = load_baseline(directory)
         counts = baseline.parameter_counts()
@@ -332,3 +317,59 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "autoencoder config": config_to_dict(model.ae_config),
         "tokenizer": "tokenizer.json" if model.tokenizer is not None else "none",
     }
+
+
+# ---- the token-level baseline ------------------------------------------------------------------
+
+
+def is_baseline(config: dict[str, Any]) -> bool:
+    """True for a config.json written by `save_baseline`."""
+    return ARCHITECTURE in (config.get("architectures") or [])
+
+
+def is_baseline_dir(directory: Path) -> bool:
+    """True for a model directory written by `save_baseline` (False when it has no config.json)."""
+    return (directory / "config.json").is_file() and is_baseline(read_json(directory / "config.json"))
+
+
+def save_baseline(model: TokenTransformer, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write config.json, model.safetensors and tokenizer.json atomically (see `write_directory`)."""
+    target = Path(directory).expanduser()
+    config = config_to_dict(model.config)
+    config.pop("ae_path", None)
+    config["architectures"] = [ARCHITECTURE]
+    state = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
+        for k, v in model.state_dict().items()
+    }
+    config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    write_directory(target, config, state, model.tokenizer)
+    return target
+
+
+def load_baseline(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    tokenizer: str | None = None,
+) -> TokenTransformer:
+    """Load a `save_baseline` directory ready for inference (eval mode, no gradients)."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise UsageError(f"{directory}: no such model directory")
+    raw = read_json(directory / "config.json")
+    if not is_baseline(raw):
+        raise CalmError(f"{directory}: config.json does not describe a {ARCHITECTURE} model")
+    model = TokenTransformer(config_from_dict(CALMConfig, raw, str(directory / "config.json")))
+    tensors, _ = read_state_dict(directory)
+    load_weights(model, tensors, str(directory))
+    tok_path = Path(tokenizer).expanduser() if tokenizer else directory / "tokenizer.json"
+    if tok_path.exists():
+        model.tokenizer = load_tokenizer(tok_path)
+        if tokenizer_vocab_size(model.tokenizer) > model.config.vocab_size:
+            raise CalmError(f"{tok_path}: tokenizer has more tokens than the model's vocabulary {model.config.vocab_size}")
+    elif tokenizer:
+        raise UsageError(f"{tokenizer}: no such tokenizer file")
+    model.eval().requires_grad_(False)
+    return model.to(device=device, dtype=dtype)

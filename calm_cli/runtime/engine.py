@@ -24,9 +24,9 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .errors import UsageError
+from ..errors import UsageError
+from ..models.calm import CALM
 from .fastdecode import FastCandidateDecoder
-from .model import CALM
 from .sampling import SamplingStats, select_from_pool, temperature_sample
 
 LEFTOVER_POOL = 64
@@ -244,28 +244,3 @@ def check_settings(settings: GenerationSettings) -> None:
         raise UsageError("--samples must be at least 1")
     if settings.sampler not in ("approx", "exact"):
         raise UsageError(f"--sampler must be 'approx' or 'exact', got '{settings.sampler}'")
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device '{name}'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    return device
-
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if name in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise UsageError(f"unknown dtype '{name}' (use fp32, bf16 or fp16)")
-    return DTYPES[name]
-

@@ -14,11 +14,19 @@ from typing import Iterator
 
 import torch
 
-from .backbone import KVCache
-from .baseline import TokenTransformer
-from .engine import Engine, GenerationSettings, GenerationStats, RowTracker, StepOutput, left_pad, seeded_generator
-from .errors import UsageError
-from .model import CALM
+from ..errors import UsageError
+from ..models.backbone import KVCache
+from ..models.baseline import TokenTransformer
+from ..models.calm import CALM
+from .engine import (
+    Engine,
+    GenerationSettings,
+    GenerationStats,
+    RowTracker,
+    StepOutput,
+    left_pad,
+    seeded_generator,
+)
 
 
 def next_logits(

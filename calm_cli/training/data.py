@@ -8,6 +8,7 @@ the corpus into memory.
 from __future__ import annotations
 
 import array
+import contextlib
 import hashlib
 import itertools
 import json
@@ -17,66 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .errors import CalmError, UsageError
+from ..errors import CalmError, UsageError
+from ..io.atomic import atomic_open, atomic_path, write_text_atomic
+from ..io.documents import TOKEN_DTYPES, iter_documents
 
 BOS, EOS, PAD = "<s>", "</s>", "[PAD]"
 SPECIAL_TOKENS = (BOS, EOS, PAD)  # ids 0, 1, 2, as in the official checkpoints' tokenizer
 SPLITS = ("train", "heldout")
-_DTYPES = {"uint16": (torch.uint16, "H"), "uint32": (torch.uint32, "I")}
 _BATCH_DOCUMENTS = 1024
-
-
-def _is_jsonl(path: Path, first_line: str) -> bool:
-    """JSON lines by extension, or by a first line that is a JSON object (extensionless dumps)."""
-    if path.suffix.lower() in (".jsonl", ".json"):
-        return True
-    if not first_line.lstrip().startswith("{"):
-        return False
-    try:
-        return isinstance(json.loads(first_line), dict)
-    except json.JSONDecodeError:
-        return False
-
-
-def iter_documents(path: Path) -> Iterator[str]:
-    """Documents of one source: the `text` field of each JSONL record, or blank-line separated paragraphs."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            first = handle.readline()
-            lines = itertools.chain([first], handle)
-            if _is_jsonl(path, first):
-                for number, line in enumerate(lines, start=1):
-                    yield from _jsonl_text(path, number, line)
-                return
-            paragraph: list[str] = []
-            for line in lines:
-                if line.strip():
-                    paragraph.append(line.rstrip("\n"))
-                elif paragraph:
-                    yield "\n".join(paragraph)
-                    paragraph = []
-            if paragraph:
-                yield "\n".join(paragraph)
-    except OSError as exc:
-        raise CalmError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise CalmError(f"cannot read {path}: not UTF-8 text") from None
-
-
-def _jsonl_text(path: Path, number: int, line: str) -> Iterator[str]:
-    if not line.strip():
-        return
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        raise CalmError(f"{path}:{number}: not valid JSON") from None
-    text = record.get("text") if isinstance(record, dict) else None
-    if not isinstance(text, str):
-        raise CalmError(f"{path}:{number}: no \"text\" string field")
-    if text.strip():
-        yield text
 
 
 def _check_sources(sources: list[Path]) -> None:
@@ -100,7 +49,14 @@ def train_tokenizer(sources: list[Path], vocab_size: int, out: Path) -> None:
 
     <s>=0, </s>=1, [PAD]=2; encoding prepends <s> (the model is trained on <s>-led sequences).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(byte_alphabet) + len(SPECIAL_TOKENS) + 1:
@@ -126,10 +82,8 @@ def train_tokenizer(sources: list[Path], vocab_size: int, out: Path) -> None:
         processors.ByteLevel(trim_offsets=False),
         processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B:1", special_tokens=[(BOS, 0)]),
     ])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tokenizer.save(str(tmp))
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        tokenizer.save(str(tmp))
 
 
 def heldout_score(text: str) -> float:
@@ -175,7 +129,7 @@ def prepare_data(
         raise CalmError(f"tokenizer {tokenizer_path} has no {BOS} / {EOS} tokens")
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
-    typecode = _DTYPES[dtype][1]
+    typecode = TOKEN_DTYPES[dtype][1]
 
     # Scores are gathered first so the "at least one document per split" rule sees the whole corpus.
     scores: list[float] = []
@@ -188,11 +142,9 @@ def prepare_data(
         raise CalmError("the corpus is empty: no text in " + ", ".join(map(str, sources)))
     split_of = assign_splits(scores, heldout_fraction)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_paths = {split: out_dir / f"{split}.bin.tmp" for split in SPLITS}
     counts = {split: {"tokens": 0, "documents": 0} for split in SPLITS}
-    handles = {split: open(tmp_paths[split], "wb") for split in SPLITS}
-    try:
+    with contextlib.ExitStack() as files:
+        handles = {split: files.enter_context(atomic_open(out_dir / f"{split}.bin", "wb")) for split in SPLITS}
         batch: list[str] = []
         index = 0
 
@@ -220,11 +172,6 @@ def prepare_data(
                 flush()
         if batch:
             flush()
-    finally:
-        for handle in handles.values():
-            handle.close()
-    for split in SPLITS:
-        os.replace(tmp_paths[split], out_dir / f"{split}.bin")
 
     manifest = {
         "tokenizer": str(tokenizer_path),
@@ -238,9 +185,7 @@ def prepare_data(
         "splits": {split: {"file": f"{split}.bin", **counts[split]} for split in SPLITS},
         "sources": per_source,
     }
-    tmp = out_dir / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / "manifest.json")
+    write_text_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -256,27 +201,3 @@ def assign_splits(scores: list[float], heldout_fraction: float) -> list[str]:
         if "train" not in splits:
             splits[max(range(len(scores)), key=scores.__getitem__)] = "train"
     return splits
-
-
-def load_tokens(path: str | Path, dtype: str | None = None) -> torch.Tensor:
-    """Memory-map a token file written by prepare_data (dtype from the manifest beside it unless given)."""
-    path = Path(path)
-    if dtype is None:
-        manifest_path = path.parent / "manifest.json"
-        try:
-            dtype = json.loads(manifest_path.read_text(encoding="utf-8"))["dtype"]
-        except (OSError, ValueError, KeyError):
-            raise CalmError(f"cannot read the token dtype from {manifest_path}") from None
-    if dtype not in _DTYPES:
-        raise CalmError(f"unknown token dtype {dtype!r}")
-    torch_dtype = _DTYPES[dtype][0]
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise CalmError(f"cannot read {path}: {exc.strerror or exc}") from None
-    itemsize = torch.empty(0, dtype=torch_dtype).element_size()
-    if size % itemsize:
-        raise CalmError(f"{path} is truncated ({size} bytes is not a whole number of {dtype} tokens)")
-    if size == 0:
-        return torch.empty(0, dtype=torch_dtype)
-    return torch.from_file(str(path), shared=False, size=size // itemsize, dtype=torch_dtype)

@@ -110,7 +110,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import UsageError
+from ..errors import UsageError
 
 DrawFn = Callable[..., Tensor]
 METHODS = ("approx", "exact")

@@ -125,15 +125,28 @@ class Backbone(nn.Module):
         b, length, _ = inputs_embeds.shape
         if positions is None:
             positions = torch.arange(start, start + length, device=inputs_embeds.device).expand(b, length)
+        if cache is None:
+            return self.run_layers(inputs_embeds, positions, None, [None] * len(self.layers), start)
+        slots = torch.arange(cache.max_len, device=inputs_embeds.device)
+        query_slots = (start + torch.arange(length, device=slots.device))[:, None]
+        own = slots[None, :] == query_slots
+        mask = ((slots[None, :] <= query_slots)[None] & (cache.valid[:, None, :] | own[None]))[:, None]
+        return self.run_layers(inputs_embeds, positions, mask, list(zip(cache.keys, cache.values)), start)
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        caches: list[tuple[torch.Tensor, torch.Tensor] | None],
+        start: int | torch.Tensor,
+    ) -> torch.Tensor:
+        """The layer loop, for callers with their own mask and key/value buffers (evaluation's tree pass).
+
+        Each layer writes its new keys and values at slot `start` of its buffers and attends
+        under `mask` (None: plain causal attention over the inputs alone).
+        """
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
-        mask = None
-        if cache is not None:
-            slots = torch.arange(cache.max_len, device=inputs_embeds.device)
-            query_slots = (start + torch.arange(length, device=slots.device))[:, None]
-            own = slots[None, :] == query_slots
-            mask = ((slots[None, :] <= query_slots)[None] & (cache.valid[:, None, :] | own[None]))[:, None]
-        x = inputs_embeds
-        for i, layer in enumerate(self.layers):
-            layer_cache = (cache.keys[i], cache.values[i]) if cache is not None else None
+        for layer, layer_cache in zip(self.layers, caches):
             x = layer(x, cos, sin, mask, layer_cache, start)
         return self.norm(x)

@@ -16,19 +16,30 @@ import difflib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
+import typer
 from rich.console import Console
 
-from .baseline_engine import make_engine
-from .engine import GenerationSettings, GenerationStats, check_settings
-from .errors import CalmError, UsageError
-from .generation import stream_text
-from .model import CALM
-from .tokenizer import encode
+from ..errors import CalmError, UsageError
+from ..io.atomic import write_text_atomic
+from ..io.tokenizer import encode
+from ..models.calm import CALM
+from ..runtime.engine import GenerationSettings, GenerationStats, check_settings
+from ..runtime.text import stream_text
+from ..runtime.token_engine import make_engine
+from .common import (
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    SamplerOpt,
+    SamplesOpt,
+    TempOpt,
+    default_model_path,
+    load_for_cli,
+)
 
 DEFAULT_TEMPLATE = "User: {message}\nAssistant:"
 SLOT = "{message}"
@@ -327,7 +338,7 @@ class ChatSession:
             "turns": [asdict(t) for t in self.conversation.turns],
         }
         try:
-            write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         except OSError as exc:
             raise UsageError(f"{path}: {exc.strerror or exc}") from None
         self.display.note(f"saved {len(self.conversation.turns)} turns to {path}")
@@ -379,18 +390,6 @@ def _number(arg: str, kind: type, usage: str) -> Any:
         return kind(arg)
     except ValueError:
         raise UsageError(f"usage: {usage}") from None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder, then rename, so a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def history_path() -> Path:
@@ -492,3 +491,35 @@ def run_chat(
         except KeyboardInterrupt:
             if not interactive:
                 raise
+
+
+def chat(
+    model: Optional[Path] = ModelOpt,
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Longest reply, in tokens (/max-tokens N changes it)."),
+    temp: float = TempOpt,
+    samples: int = SamplesOpt,
+    sampler: str = SamplerOpt,
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for a repeatable conversation: the reply to turn i uses SEED+i (/seed N changes it)."),
+    system: str = typer.Option("", "--system", help="System text on top of the conversation (/system TEXT changes it)."),
+    template: Optional[str] = typer.Option(
+        None, "--template",
+        help="One turn as plain text: {message} stands for the user's message, the reply follows the text after it, "
+        "and \\n is a newline. The text before {message}, at the start of a line, is the stop string that ends a reply. "
+        "Default: 'User: {message}\\nAssistant:'.",
+    ),
+    history: bool = typer.Option(True, "--history/--no-history", help="Keep input history in $XDG_DATA_HOME/calm/chat_history (else ~/.local/share/calm/)."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tokens/s and vector-steps/s after each reply (/verbose toggles)."),
+) -> None:
+    """Chat with a CALM model: streamed replies, input history, slash commands (/help).
+
+    With stdin or stdout not a terminal, each input line is one turn and each reply is one line on stdout.
+    """
+    from ..runtime.engine import GenerationSettings
+
+    settings = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
+    run_chat(
+        lambda path: load_for_cli(path, device, dtype), model or default_model_path(), settings,
+        DEFAULT_TEMPLATE if template is None else template, system, verbose, history,
+    )

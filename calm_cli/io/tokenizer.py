@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from .errors import CalmError
+from ..errors import CalmError
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

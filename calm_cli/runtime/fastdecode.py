@@ -93,7 +93,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .autoencoder import Autoencoder
+from ..models.autoencoder import Autoencoder
 
 BF16_UNIT = 2.0**-8
 ACCUMULATION_UNIT = 2.0**-22

@@ -33,16 +33,16 @@ from typing import Any, Callable
 
 import torch
 
-from .backbone import KVCache
-from .baseline import TokenTransformer, is_baseline, load_baseline
-from .baseline_engine import next_logits, sample_logits
-from .checkpoint import load_model
-from .config import AutoencoderConfig, CALMConfig, config_from_dict, read_json
-from .engine import CANDIDATE_DECODERS, GenerationSettings, sample_step
-from .errors import UsageError
-from .fastdecode import FastCandidateDecoder
-from .model import CALM
-from .sampling import SamplingStats
+from ..errors import UsageError
+from ..io.checkpoint import is_baseline, load_baseline, load_model
+from ..models.backbone import KVCache
+from ..models.baseline import TokenTransformer
+from ..models.calm import CALM
+from ..models.config import AutoencoderConfig, CALMConfig, config_from_dict, read_json
+from ..runtime.engine import CANDIDATE_DECODERS, GenerationSettings, sample_step
+from ..runtime.fastdecode import FastCandidateDecoder
+from ..runtime.sampling import SamplingStats
+from ..runtime.token_engine import next_logits, sample_logits
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""`calm bench`: measuring the engine and reporting. Imports models, io and runtime."""

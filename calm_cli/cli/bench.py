@@ -1,0 +1,105 @@
+"""`calm bench`: the command over calm_cli.bench."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import UsageError
+from .common import (
+    DeviceOpt,
+    DtypeOpt,
+    SamplerOpt,
+    SamplesOpt,
+    err,
+)
+
+
+def bench(
+    preset: Optional[str] = typer.Option(
+        None, "--preset",
+        help="Random-weight models (default tiny without --model): tiny (hidden 256, 4 layers, vocab 8192; for CPU tests), "
+        "S (768/12 layers, the authors' default backbone), M (1024/16, CALM-M), L (1536/16) and XL (2560/16, 20 heads); "
+        "L and XL are inferred from the paper's 735M and 1.82B parameters. S and up: vocab 128256, latent 128, "
+        "the authors' autoencoder (hidden 512, intermediate 1280, 2+2 layers).",
+    ),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A CALM checkpoint to measure at its own K (or a baseline directory alone)."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Trained baseline for --model (default: random weights with the model's backbone)."),
+    k: Optional[str] = typer.Option(None, "--K", help="Chunk size(s) of the CALM side for presets: 4 or a list such as 1,2,4,8 (default 4)."),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", "-p", help="Prompt length in tokens (rounded up to a multiple of K)."),
+    new_tokens: int = typer.Option(128, "--new-tokens", "-n", help="New tokens per row, EOS ignored (rounded up to a multiple of K)."),
+    batch: str = typer.Option("1", "--batch", "-b", help="Batch size(s), e.g. 1,8,32."),
+    repetitions: int = typer.Option(3, "--repetitions", "-r", help="Timed runs per row after one warm-up run."),
+    temp: str = typer.Option("1", "--temp", "-t", help="Temperature(s) in [0, 1], e.g. 1 or 1,0.5; 1 draws once per step."),
+    samples: int = SamplesOpt,
+    sampler: str = SamplerOpt,
+    candidate_decoder: str = typer.Option(
+        "fast", "--candidate-decoder",
+        help="CALM candidate decoder(s): fast, dense, or dense,fast for one row of each (same tokens; see generate --help).",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed for the prompts and the sampling."),
+    peak_gbs: Optional[float] = typer.Option(None, "--peak-gbs", help="Memory bandwidth of the device in GB/s (H200: 4800), for the bandwidth fraction."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with a 'rows' list instead of the table."),
+    as_csv: bool = typer.Option(False, "--csv", help="Print the rows as CSV instead of the table."),
+    as_md: bool = typer.Option(False, "--md", help="Print a Markdown table instead of the rich one."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the decode step and the candidate decoding (default: on for CUDA)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
+) -> None:
+    """Decode speed of CALM against the token-level baseline with the same backbone, side by side.
+
+    The table (or --json/--csv/--md) goes to stdout, progress to stderr. Prompts are random token
+    ids; model building or loading is timed apart. Peak memory is CUDA's max_memory_allocated, or on
+    CPU the process's resident high-water mark (reset per row on Linux).
+    """
+    import torch
+
+    from ..bench.report import render_table, to_csv, to_markdown
+    from ..bench.run import (
+        BenchOptions,
+        check_options,
+        checkpoint_subjects,
+        parse_list,
+        preset_subjects,
+        run_bench,
+    )
+    from ..runtime.device import resolve_device, resolve_dtype
+
+    if as_json + as_csv + as_md > 1:
+        raise UsageError("choose one of --json, --csv and --md")
+    if model is not None and (preset is not None or k is not None):
+        raise UsageError("--model measures that checkpoint at its own K: drop --preset and --K")
+    if baseline is not None and model is None:
+        raise UsageError("--baseline goes with --model")
+    if threads is not None:
+        if threads < 1:
+            raise UsageError("--threads must be at least 1")
+        torch.set_num_threads(threads)
+    options = BenchOptions(
+        ks=parse_list(k or "4", int, "--K"), batches=parse_list(batch, int, "-b"), temperatures=parse_list(temp, float, "--temp"),
+        prompt_tokens=prompt_tokens, new_tokens=new_tokens, repetitions=repetitions, num_samples=samples, sampler=sampler,
+        candidate_decoders=[name.strip() for name in candidate_decoder.split(",") if name.strip()], seed=seed, peak_gbs=peak_gbs,
+    )
+    check_options(options)
+    dev = resolve_device(device)
+    options.compile = compile if compile is not None else dev.type == "cuda"
+    dt = resolve_dtype(dtype, dev)
+    if model is not None:
+        makers, source = checkpoint_subjects(model, baseline, dev, dt), str(model)
+    else:
+        makers, source = preset_subjects(preset or "tiny", options.ks, dev, dt), f"preset {preset or 'tiny'}"
+    report = run_bench(makers, options, dev, source, progress=lambda line: err.print(f"[dim]{line}[/dim]"))
+    if as_json:
+        sys.stdout.write(json.dumps(report) + "\n")
+    elif as_csv:
+        sys.stdout.write(to_csv(report))
+    elif as_md:
+        sys.stdout.write(to_markdown(report))
+    else:
+        render_table(report, Console(highlight=False, width=None if sys.stdout.isatty() else 220))

@@ -1,0 +1,122 @@
+"""The `calm` command line: a thin layer over the Python API.
+
+Each command lives in its own module; this one builds the Typer app from them and owns
+the entry point (one-line errors, exit codes, quiet Ctrl-C and closed pipes).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from ..errors import CalmError
+from .bench import bench
+from .chat import chat
+from .common import STATE
+from .data import data_app, tokenizer_app
+from .eval import eval_
+from .generate import generate
+from .model import convert, decode, encode, info
+from .train import train_app
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Run, train, evaluate and benchmark CALM (Continuous Autoregressive Language Models).",
+)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
+    STATE["debug"] = debug
+
+
+for command in (generate, chat, encode, decode, info, convert, bench):
+    app.command()(command)
+app.command("eval")(eval_)
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+def main() -> None:
+    """Entry point: one-line errors, exit 2 for usage and 1 for runtime errors, quiet on Ctrl-C and closed pipes."""
+    command = typer.main.get_command(app)
+    sys.stdout = _PipeAwareStdout(sys.stdout)
+    try:
+        code = command.main(args=sys.argv[1:], prog_name="calm", standalone_mode=False)
+        sys.stdout.flush()
+        sys.exit(code if isinstance(code, int) else 0)
+    except CalmError as exc:
+        if STATE["debug"]:
+            raise
+        _fail(str(exc), exc.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        _quiet_exit(130)
+    except (BrokenPipeError, PipeClosed):
+        _quiet_exit(0)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        if STATE["debug"]:
+            raise
+        if _is_usage_error(exc):
+            message = exc.format_message()
+            if not message:
+                sys.exit(exc.exit_code)
+            ctx = getattr(exc, "ctx", None)
+            name = ctx.command.name if ctx is not None and ctx.command is not None else None
+            hint = f" (see 'calm {name} --help')" if name and name != "calm" else ""
+            _fail(f"{message}{hint}", 2)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        _fail(f"{type(exc).__name__}: {first} (run with --debug for the traceback)", 1)
+
+
+class PipeClosed(Exception):
+    """stdout's reader went away (`| head`): not an OSError, so the parser library does not turn it into exit 1."""
+
+
+class _PipeAwareStdout:
+    """sys.stdout, with a closed pipe raised as PipeClosed so main() can end quietly with exit 0."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise PipeClosed from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise PipeClosed from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _is_usage_error(exc: Exception) -> bool:
+    """Typer's parser errors (click's, vendored in newer typer) carry an exit code and a formatted message."""
+    return isinstance(getattr(exc, "exit_code", None), int) and callable(getattr(exc, "format_message", None))
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(code)
+
+
+def _quiet_exit(code: int) -> None:
+    """Leave without a traceback, and without Python's complaint about flushing a closed stdout."""
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, PipeClosed, ValueError):
+        pass
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(code)

@@ -1,0 +1,1 @@
+"""BrierLM. Imports models, io and runtime."""

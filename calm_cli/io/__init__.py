@@ -1,0 +1,1 @@
+"""Checkpoints, tokenizers, token files and atomic writes. Imports models."""

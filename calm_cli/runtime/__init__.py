@@ -1,0 +1,1 @@
+"""Decoding: the engine, temperature sampling, candidate decoding and text streaming. Imports models and io."""
