@@ -1,17 +1,20 @@
 """`calm bench`: CALM against the token-level baseline with the same backbone, side by side.
 
-Each row is one model (CALM at some K, or the baseline), one batch size and one
-temperature (and, for CALM, one candidate decoder: `--candidate-decoder dense,fast` gives
-both). A run prefills a prompt of random token ids (so no tokenisation is timed),
-draws the first K tokens from the prefill state (time to first token), then takes
-fixed-length decode steps with EOS ignored: backbone step, then the engine's sampler
-(`engine.sample_step` over the head and the candidate decoder for CALM, `sample_logits` for
-the baseline), then the new tokens go to the host as the engines hand them to their caller.
-`decodes_per_step` is the candidates decoded per row and step.
-That hand-off waits for the device, so per-step latencies are real. One warm-up run (it
-also triggers torch.compile) is not counted; means and standard deviations are over the
-runs after it, step-latency percentiles over all their steps. Building or loading a model
-is timed apart (`models[].load_s`).
+Each row is one model (CALM at some K, or the baseline), one concurrency (requests in
+flight at once: the engine's slots) and one temperature (and, for CALM, one candidate
+decoder: `--candidate-decoder dense,fast` gives both). A run submits that many prompts of
+random token ids (so no tokenisation is timed) to the same `Engine` that `calm generate`
+and `calm serve` use, with EOS ignored and a fixed number of new tokens, and steps the
+engine until all are done; every step hands its tokens to the host as it does for them.
+Decode tokens/s is all requests' new tokens over the engine's time minus the prefills:
+the aggregate rate at that concurrency. `decodes_per_step` is the candidates decoded per
+row and step.
+
+Subjects are measured side by side: one warm-up run each (it also triggers torch.compile),
+then the timed runs go round the subjects in turn (A B A B ...), so a burst of load on a
+shared machine hits every subject alike. Means and standard deviations are over the
+timed runs, step-latency percentiles over all their steps. Building or loading a model is
+timed apart (`models[].load_s`).
 
 Bandwidth is the weight bytes one decode step reads times steps/s, as gpt-fast counts it:
 backbone layers, embed_proj, head and autoencoder decoder (its output matrix included) for
@@ -35,14 +38,13 @@ import torch
 
 from ..errors import UsageError
 from ..io.checkpoint import is_baseline, load_baseline, load_model
-from ..models.backbone import KVCache
 from ..models.baseline import TokenTransformer
 from ..models.calm import CALM
 from ..models.config import AutoencoderConfig, CALMConfig, config_from_dict, read_json
-from ..runtime.engine import CANDIDATE_DECODERS, GenerationSettings, sample_step
-from ..runtime.fastdecode import FastCandidateDecoder
+from ..runtime.engine import Engine
+from ..runtime.runners import CANDIDATE_DECODERS
 from ..runtime.sampling import SamplingStats
-from ..runtime.token_engine import next_logits, sample_logits
+from ..runtime.settings import GenerationSettings
 
 
 @dataclass(frozen=True)
@@ -101,13 +103,13 @@ class Subject:
 def check_options(options: BenchOptions) -> None:
     """Reject what the benchmark cannot run, before any model is built."""
     if min(options.ks) < 1 or min(options.batches) < 1:
-        raise UsageError("--K and -b values must be at least 1")
+        raise UsageError("--K and --concurrency values must be at least 1")
     if any(not 0.0 <= t <= 1.0 for t in options.temperatures):
         raise UsageError("--temp values must be in [0, 1]")
     if options.prompt_tokens < 1 or options.repetitions < 1 or options.num_samples < 1:
         raise UsageError("-p, -r and --samples must be at least 1")
     if options.new_tokens <= max(options.ks):
-        raise UsageError(f"-n must be more than K ({max(options.ks)}): the first chunk comes from the prefill, steps follow")
+        raise UsageError(f"-n must be more than K ({max(options.ks)}): a run needs steps after the first chunk")
     if options.sampler not in ("approx", "exact"):
         raise UsageError(f"--sampler must be 'approx' or 'exact', got '{options.sampler}'")
     if not options.candidate_decoders or set(options.candidate_decoders) - set(CANDIDATE_DECODERS):
@@ -157,7 +159,7 @@ def _timed(kind: str, k: int, make: Callable[[], CALM | TokenTransformer]) -> Su
 
 
 def preset_subjects(name: str, ks: list[int], device: torch.device, dtype: torch.dtype) -> list[Callable[[], Subject]]:
-    """Builders of random-weight models, called one at a time so that one model at a time is in memory."""
+    """Builders of random-weight models: the token baseline and CALM at each K."""
     if name not in PRESETS:
         raise UsageError(f"unknown preset '{name}' (choose from {', '.join(PRESETS)})")
     preset = PRESETS[name]
@@ -245,85 +247,52 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _calm_next(model: CALM, input_ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-    return model.step(input_ids, cache, start)[:, -1]
+@dataclass
+class Arm:
+    """One engine under test: a subject with one candidate decoder, its slots sized to the concurrency."""
 
+    subject: Subject
+    candidate_decoder: str | None
+    engine: Engine | None = None
 
-def _draw_chunks(model: CALM, hidden: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """n fresh chunks per row, as `Engine.draw_fn` makes them: head draws decoded by argmax."""
-    return model.ae_model.decode_tokens(model.generative_head.sample(hidden, n, generator=generator))
+    @property
+    def is_calm(self) -> bool:
+        return isinstance(self.subject.model, CALM)
 
-
-class Decoder:
-    """One subject's cached forward pass and sampler; compiled once per subject when asked.
-
-    CALM candidates go through `candidate_decoder` as in `Engine`; the fast one is never compiled
-    (its rescoring is data-dependent), the dense one is with the step.  `stats` counts the draws.
-    """
-
-    def __init__(self, subject: Subject, options: BenchOptions, candidate_decoder: str = "fast") -> None:
-        self.model, self.k, self.options = subject.model, subject.k, options
-        self.is_calm = isinstance(subject.model, CALM)
-        self.candidate_decoder = candidate_decoder if self.is_calm else None
-        self.stats = SamplingStats()
-        forward = _calm_next if self.is_calm else next_logits
-        self._forward = torch.compile(forward, dynamic=True) if options.compile else forward
-        self._draw = torch.compile(_draw_chunks, dynamic=True) if options.compile and self.is_calm else _draw_chunks
-        if self.is_calm and candidate_decoder == "fast":
-            fast = FastCandidateDecoder(subject.model.ae_model)
-
-            def draw_fast(model: CALM, hidden: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-                return fast(model.generative_head.sample(hidden, n, generator=generator))
-
-            self._draw = draw_fast
-
-    def forward(self, input_ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-        """Hidden state (CALM) or logits (baseline) after the last new input, [B, ...]."""
-        return self._forward(self.model, input_ids, cache, start)
-
-    def sample(self, state: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
-        """The next K tokens per row, [B, K]."""
-        if not self.is_calm:
-            return sample_logits(state, temperature, generator)[:, None]
-        o = self.options
-        draw = lambda n, rows=None: self._draw(self.model, state if rows is None else state[rows], n, generator)  # noqa: E731
-        settings = GenerationSettings(temperature=temperature, num_samples=o.num_samples, sampler=o.sampler)
-        return sample_step(draw, settings, generator, self.stats)
+    def engine_for(self, concurrency: int, compile: bool) -> Engine:
+        if self.engine is None or self.engine.max_batch != concurrency:
+            self.engine = Engine(
+                self.subject.model, max_batch=concurrency, candidate_decoder=self.candidate_decoder or "dense", compile=compile
+            )
+        return self.engine
 
 
 @dataclass
 class Run:
     prefill_s: float
+    decode_s: float
     ttft_s: float
+    tokens: int
     steps_s: list[float]
 
 
-@torch.inference_mode()
-def run_once(decoder: Decoder, ids: torch.Tensor, steps: int, temperature: float, seed: int) -> Run:
-    """Prefill `ids`, sample the first chunk, then `steps - 1` decode steps; every step's tokens reach the host."""
-    batch, length = ids.shape
-    chunks = length // decoder.k
-    generator = torch.Generator(device=ids.device).manual_seed(seed)
-    cache = decoder.model.new_cache(batch, chunks + steps)
-    cache.valid[:, :chunks] = True
-    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+def run_once(engine: Engine, prompts: list[list[int]], settings: GenerationSettings) -> Run:
+    """Submit every prompt at once and step the engine until all are done, as `calm generate` does."""
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    requests = [engine.submit(p, settings) for p in prompts]
+    first: list[float] = []
+    laps = []
     sync()
     t0 = time.perf_counter()
-    state = decoder.forward(ids, cache, 0)
-    sync()
-    prefill_s = time.perf_counter() - t0
-    tokens = decoder.sample(state, temperature, generator)
-    tokens.tolist()
-    last = time.perf_counter()
-    ttft_s, laps = last - t0, []
-    for slot in range(chunks, chunks + steps - 1):
-        cache.valid[:, slot] = True
-        tokens = decoder.sample(decoder.forward(tokens, cache, slot), temperature, generator)
-        tokens.tolist()
+    while engine.has_work():
+        before = time.perf_counter()
+        updates = engine.step()
         now = time.perf_counter()
-        laps.append(now - last)
-        last = now
-    return Run(prefill_s, ttft_s, laps)
+        laps.append(now - before)
+        if not first and any(u.tokens for u in updates):
+            first.append(now)
+    prefill = sum(r.prefill_s for r in requests)
+    return Run(prefill, now - t0 - prefill, first[0] - t0, sum(len(r.tokens) for r in requests), laps[1:])
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -335,43 +304,65 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def measure(decoder: Decoder, batch: int, temperature: float, options: BenchOptions, peak: PeakMemory) -> dict[str, Any]:
-    """One row: warm-up, `repetitions` timed runs, and the figures derived from them."""
-    k, model = decoder.k, decoder.model
-    device = next(model.parameters()).device
+def _prompts(model: CALM | TokenTransformer, count: int, length: int, seed: int) -> list[list[int]]:
+    cpu = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (count, length), generator=cpu).tolist()
+
+
+def _row(arm: Arm, concurrency: int, temperature: float, options: BenchOptions, runs: list[Run], peak_mb: float,
+         warmup_s: float, stats: SamplingStats) -> dict[str, Any]:
+    """The figures of one row from its timed runs."""
+    k, model = arm.subject.k, arm.subject.model
     prompt = math.ceil(options.prompt_tokens / k) * k
     steps = math.ceil(options.new_tokens / k)
-    cpu = torch.Generator().manual_seed(options.seed)
-    with torch.inference_mode():  # like the tokens fed back later, so compiled graphs see one kind of tensor
-        ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=cpu).to(device)
-    peak.reset()
-    t0 = time.perf_counter()
-    run_once(decoder, ids, steps, temperature, options.seed)
-    warmup_s = time.perf_counter() - t0
-    decoder.stats = SamplingStats()
-    runs = [run_once(decoder, ids, steps, temperature, options.seed + 1 + i) for i in range(options.repetitions)]
-    decode_steps = steps - 1
-    prefill, prefill_std = _mean_std([batch * prompt / r.prefill_s for r in runs])
-    rate, rate_std = _mean_std([batch * k * decode_steps / sum(r.steps_s) for r in runs])
+    prefill, prefill_std = _mean_std([concurrency * prompt / r.prefill_s for r in runs])
+    rate, rate_std = _mean_std([r.tokens / r.decode_s for r in runs])
     ttft, ttft_std = _mean_std([1000 * r.ttft_s for r in runs])
-    laps = [1000 * s for r in runs for s in r.steps_s]
+    laps = [1000 * s for r in runs for s in r.steps_s] or [0.0]
     weight_bytes = decode_weight_bytes(model)
-    bandwidth = weight_bytes * rate / (batch * k) / 1e9
+    bandwidth = weight_bytes * rate / (concurrency * k) / 1e9
     row = {
-        "kind": "calm" if decoder.is_calm else "baseline", "K": k, "batch": batch, "temp": temperature,
-        "candidate_decoder": decoder.candidate_decoder,
-        # Candidate chunks decoded per row and step (the first chunk's step included); None for the baseline.
-        "decodes_per_step": decoder.stats.draws / decoder.stats.rows if decoder.stats.rows else None,
-        "prompt_tokens": prompt, "new_tokens": steps * k, "decode_steps": decode_steps,
+        "kind": "calm" if arm.is_calm else "baseline", "K": k, "batch": concurrency, "temp": temperature,
+        "candidate_decoder": arm.candidate_decoder,
+        # Candidate chunks decoded per row and step; None for the baseline.
+        "decodes_per_step": stats.draws / stats.rows if arm.is_calm and stats.rows else None,
+        "prompt_tokens": prompt, "new_tokens": steps * k, "decode_steps": steps,
         "prefill_tok_s": prefill, "prefill_tok_s_std": prefill_std, "decode_tok_s": rate, "decode_tok_s_std": rate_std,
-        "vector_steps_s": rate / (batch * k), "vector_steps_s_std": rate_std / (batch * k),
+        "vector_steps_s": rate / (concurrency * k), "vector_steps_s_std": rate_std / (concurrency * k),
         "ttft_ms": ttft, "ttft_ms_std": ttft_std,
         "step_ms_p50": _percentile(laps, 0.5), "step_ms_p95": _percentile(laps, 0.95),
-        "peak_mem_mb": peak.read_mb(), "weight_mb": weight_bytes / 2**20,
+        "peak_mem_mb": peak_mb, "weight_mb": weight_bytes / 2**20,
         "bandwidth_gbs": bandwidth, "bandwidth_frac": bandwidth / options.peak_gbs if options.peak_gbs else None,
         "warmup_s": warmup_s,
     }
     return {key: float(f"{v:.5g}") if isinstance(v, float) else v for key, v in row.items()}
+
+
+def measure(arms: list[Arm], concurrency: int, temperature: float, options: BenchOptions, peak: PeakMemory) -> list[dict[str, Any]]:
+    """Rows for every arm at one concurrency and temperature: warm-ups, then timed runs in turn (A B A B)."""
+    engines = [arm.engine_for(concurrency, options.compile) for arm in arms]
+    plans = []
+    for arm, engine in zip(arms, engines):
+        k = arm.subject.k
+        settings = GenerationSettings(
+            max_tokens=math.ceil(options.new_tokens / k) * k, temperature=temperature, num_samples=options.num_samples,
+            sampler=options.sampler, seed=options.seed, ignore_eos=True,
+        )
+        prompts = _prompts(arm.subject.model, concurrency, math.ceil(options.prompt_tokens / k) * k, options.seed)
+        peak.reset()
+        t0 = time.perf_counter()
+        run_once(engine, prompts, settings)
+        plans.append((settings, prompts, time.perf_counter() - t0, peak.read_mb()))
+        engine.sampling = SamplingStats()
+    runs: list[list[Run]] = [[] for _ in arms]
+    for repetition in range(options.repetitions):
+        for i, (engine, (settings, prompts, _, _)) in enumerate(zip(engines, plans)):
+            seeded = dataclasses.replace(settings, seed=options.seed + 1 + repetition)
+            runs[i].append(run_once(engine, prompts, seeded))
+    return [
+        _row(arm, concurrency, temperature, options, arm_runs, peak_mb, warmup_s, engine.sampling)
+        for arm, engine, arm_runs, (_, _, warmup_s, peak_mb) in zip(arms, engines, runs, plans)
+    ]
 
 
 def _hardware(device: torch.device) -> str:
@@ -389,31 +380,30 @@ def run_bench(
     makers: list[Callable[[], Subject]], options: BenchOptions, device: torch.device, source: str,
     progress: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
-    """Measure every subject at every temperature and batch size; one model in memory at a time."""
+    """Measure every subject at every temperature and concurrency, subjects side by side (all in memory)."""
     peak = PeakMemory(device)
     rows: list[dict[str, Any]] = []
     models: list[dict[str, Any]] = []
+    arms: list[Arm] = []
     dtype = None
     for make in makers:
         subject = make()
         dtype = next(subject.model.parameters()).dtype
         is_calm = isinstance(subject.model, CALM)
-        names = options.candidate_decoders if is_calm else ["dense"]  # a baseline has no candidates to decode
-        decoders = [Decoder(subject, options, name) for name in names]
+        names = options.candidate_decoders if is_calm else [None]  # a baseline has no candidates to decode
+        arms += [Arm(subject, name) for name in names]
         models.append({
             "kind": subject.kind, "K": subject.k, "params": sum(p.numel() for p in subject.model.parameters()),
             "weight_mb": round(decode_weight_bytes(subject.model) / 2**20, 2), "load_s": round(subject.load_s, 3),
         })
         progress(f"{subject.kind} K={subject.k}: built/loaded in {subject.load_s:.2f}s")
-        for temperature in options.temperatures:
-            for batch in options.batches:
-                for decoder in decoders:
-                    rows.append(measure(decoder, batch, temperature, options, peak))
-                    using = f" {decoder.candidate_decoder} decoder" if is_calm else ""
-                    progress(f"  batch {batch} T={temperature}{using}: {rows[-1]['decode_tok_s']:.1f} decode tok/s")
-        del subject, decoders
-        if options.compile:
-            torch._dynamo.reset()  # drop this model's graphs; also keeps the next model under the recompile limit
+    for temperature in options.temperatures:
+        for concurrency in options.batches:
+            progress(f"concurrency {concurrency} T={temperature}: {len(arms)} engines, {options.repetitions} runs each in turn")
+            for row in measure(arms, concurrency, temperature, options, peak):
+                rows.append(row)
+                using = f" {row['candidate_decoder']} decoder" if row["kind"] == "calm" else ""
+                progress(f"  {row['kind']} K={row['K']}{using}: {row['decode_tok_s']:.1f} decode tok/s")
     baseline = {(r["batch"], r["temp"]): r["decode_tok_s"] for r in rows if r["kind"] == "baseline"}
     for r in rows:
         if r["kind"] == "calm":

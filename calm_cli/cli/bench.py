@@ -33,7 +33,10 @@ def bench(
     k: Optional[str] = typer.Option(None, "--K", help="Chunk size(s) of the CALM side for presets: 4 or a list such as 1,2,4,8 (default 4)."),
     prompt_tokens: int = typer.Option(128, "--prompt-tokens", "-p", help="Prompt length in tokens (rounded up to a multiple of K)."),
     new_tokens: int = typer.Option(128, "--new-tokens", "-n", help="New tokens per row, EOS ignored (rounded up to a multiple of K)."),
-    batch: str = typer.Option("1", "--batch", "-b", help="Batch size(s), e.g. 1,8,32."),
+    batch: str = typer.Option(
+        "1", "--concurrency", "-c", "--batch", "-b",
+        help="Requests in flight at once (the engine's slots), e.g. 1,8,32; the rate is their aggregate. --batch is the old name.",
+    ),
     repetitions: int = typer.Option(3, "--repetitions", "-r", help="Timed runs per row after one warm-up run."),
     temp: str = typer.Option("1", "--temp", "-t", help="Temperature(s) in [0, 1], e.g. 1 or 1,0.5; 1 draws once per step."),
     samples: int = SamplesOpt,
@@ -82,7 +85,7 @@ def bench(
             raise UsageError("--threads must be at least 1")
         torch.set_num_threads(threads)
     options = BenchOptions(
-        ks=parse_list(k or "4", int, "--K"), batches=parse_list(batch, int, "-b"), temperatures=parse_list(temp, float, "--temp"),
+        ks=parse_list(k or "4", int, "--K"), batches=parse_list(batch, int, "--concurrency"), temperatures=parse_list(temp, float, "--temp"),
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, repetitions=repetitions, num_samples=samples, sampler=sampler,
         candidate_decoders=[name.strip() for name in candidate_decoder.split(",") if name.strip()], seed=seed, peak_gbs=peak_gbs,
     )

@@ -27,9 +27,9 @@ from ..errors import CalmError, UsageError
 from ..io.atomic import write_text_atomic
 from ..io.tokenizer import encode
 from ..models.calm import CALM
-from ..runtime.engine import GenerationSettings, GenerationStats, check_settings
-from ..runtime.text import stream_text
-from ..runtime.token_engine import make_engine
+from ..runtime.engine import Engine
+from ..runtime.settings import GenerationSettings, check_settings
+from ..runtime.text import GenerationStats, stream_text
 from .common import (
     DeviceOpt,
     DtypeOpt,
@@ -211,7 +211,7 @@ class ChatSession:
         if model.tokenizer is None:
             raise CalmError(f"{path}: the model has no tokenizer.json")
         self.model_path = path
-        self.engine = make_engine(model)
+        self.engine = Engine(model, max_batch=1)
         self.tokenizer = model.tokenizer
 
     @property
@@ -516,8 +516,6 @@ def chat(
 
     With stdin or stdout not a terminal, each input line is one turn and each reply is one line on stdout.
     """
-    from ..runtime.engine import GenerationSettings
-
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
     run_chat(
         lambda path: load_for_cli(path, device, dtype), model or default_model_path(), settings,

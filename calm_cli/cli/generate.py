@@ -46,39 +46,43 @@ def generate(
         False, "--jsonl",
         help='Batch mode: read JSON lines {"prompt": ..., "temp": ..., "max_tokens": ..., "seed": ..., "samples": ..., "id": ...} '
         "(all but prompt optional; the flags give the defaults) from stdin or -f, and write one JSON line per input, in order, "
-        'with the text and stats. Lines with the same settings run as one batch. A bad line gives {"error": ..., "line": N} and the run goes on.',
+        'with the text and stats. All lines share the engine\'s slots (--max-batch). A bad line gives {"error": ..., "line": N, "id": ...}, '
+        "the run goes on, and the exit code is 1.",
     ),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the decode step (default: on for CUDA)."),
     ae: Optional[Path] = typer.Option(None, "--ae", help="Autoencoder directory, overriding the checkpoint's ae_path."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json to use instead of the model's."),
+    max_batch: Optional[int] = typer.Option(
+        None, "--max-batch", help="With --jsonl: requests decoded at once (default 8 on CPU, 64 on CUDA); the rest wait for a free slot.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Timings and tokens/s on stderr."),
 ) -> None:
     """Continue PROMPT with a CALM model."""
-    from ..runtime.engine import (
-        GenerationSettings,
-        GenerationStats,
-        check_candidate_decoder,
-        check_settings,
-    )
-    from ..runtime.text import stream_text
-    from ..runtime.token_engine import make_engine
+    from ..runtime.engine import Engine
+    from ..runtime.runners import check_candidate_decoder
+    from ..runtime.settings import GenerationSettings, check_settings
+    from ..runtime.text import GenerationStats, stream_text
 
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
     check_settings(settings)
     check_candidate_decoder(candidate_decoder)
     if jsonl and prompt is not None:
         raise UsageError("--jsonl reads prompts from stdin or -f FILE, not from PROMPT")
+    if max_batch is not None and max_batch < 1:
+        raise UsageError("--max-batch must be at least 1")
     lines = _jsonl_input(file) if jsonl else []
     text = "" if jsonl else _with_system(system, _generate_prompt(prompt, file))
     t0 = time.perf_counter()
     calm = load_for_cli(model, device, dtype, ae, tokenizer)
     load_s = time.perf_counter() - t0
     use_compile = compile if compile is not None else calm.transformer.embed_tokens.weight.is_cuda
-    engine = make_engine(calm, compile=use_compile, candidate_decoder=candidate_decoder)
+    engine = Engine(calm, max_batch=max_batch if jsonl else 1, compile=use_compile, candidate_decoder=candidate_decoder)
     if jsonl:
-        _run_jsonl(engine, calm.tokenizer, lines, settings, stop, system, verbose)
+        failed = _run_jsonl(engine, calm.tokenizer, lines, settings, stop, system, verbose)
+        if failed:
+            raise typer.Exit(1)
         return
     stats = GenerationStats()
     out, finish = [], None
@@ -123,7 +127,8 @@ def generate(
 if typing.TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-    from ..runtime.engine import Engine, GenerationSettings
+    from ..runtime.engine import Engine, Request
+    from ..runtime.settings import GenerationSettings
 
 
 def _generate_prompt(prompt: Optional[str], file: Optional[Path]) -> str:
@@ -149,7 +154,6 @@ def _jsonl_input(file: Optional[Path]) -> list[str]:
     return sys.stdin.read().split("\n")
 
 
-JSONL_BATCH = 16  # most prompts per Engine.stream call: the KV cache grows with the batch
 JSONL_FIELDS = {  # key: (GenerationSettings field, type, valid, wording)
     "temp": ("temperature", float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "max_tokens": ("max_tokens", int, lambda v: v >= 1, "a whole number >= 1"),
@@ -158,8 +162,8 @@ JSONL_FIELDS = {  # key: (GenerationSettings field, type, valid, wording)
 }
 
 
-def _jsonl_request(line: str, defaults: GenerationSettings) -> tuple[str, GenerationSettings, dict]:
-    """One --jsonl line -> (prompt, settings, fields echoed back); ValueError says what is wrong with it."""
+def _jsonl_request(line: str, defaults: GenerationSettings) -> tuple[str, GenerationSettings]:
+    """One --jsonl line -> (prompt, settings); ValueError says what is wrong with it."""
     from dataclasses import replace
 
     try:
@@ -180,67 +184,73 @@ def _jsonl_request(line: str, defaults: GenerationSettings) -> tuple[str, Genera
         if isinstance(value, bool) or not isinstance(value, types) or not valid(value):
             raise ValueError(f'"{key}" must be {wording}, got {json.dumps(value)}')
         changes[name] = kind(value)
-    return obj["prompt"], replace(defaults, **changes), ({"id": obj["id"]} if "id" in obj else {})
+    return obj["prompt"], replace(defaults, **changes)
 
 
 def _run_jsonl(
     engine: Engine, tokenizer: Optional[Tokenizer], lines: list[str], defaults: GenerationSettings, stop: list[str],
     system: Optional[str], verbose: bool,
-) -> None:
-    """Answer every JSON line, batching lines that share settings, and write the results in input order as they complete."""
-    from dataclasses import astuple
+) -> int:
+    """Answer every JSON line through the engine's slots and write the results in input order as they complete.
 
+    Returns how many lines failed.
+    """
     from ..io.tokenizer import encode as tok_encode
-    from ..runtime.engine import GenerationStats
-    from ..runtime.text import stream_text
+    from ..runtime.text import stream_requests
 
     if tokenizer is None:
         raise CalmError("the model has no tokenizer.json (pass --tokenizer PATH)")
-    positions, k = engine.config.max_position_embeddings, engine.k
     results: dict[int, dict] = {}
-    groups: dict[tuple, tuple] = {}
+    accepted: list[tuple[int, Request, dict]] = []
     order = [n for n, line in enumerate(lines, 1) if line.strip()]
     for n in order:
+        echo = _jsonl_id(lines[n - 1])
         try:
-            prompt, settings, echo = _jsonl_request(lines[n - 1], defaults)
-            prompt = _with_system(system, prompt)
-            size = len(tok_encode(tokenizer, prompt))
-            if size // k >= positions:
-                raise ValueError(f"prompt is {size} tokens; the model's context is {positions * k} tokens")
-        except ValueError as exc:
-            results[n] = {"error": str(exc), "line": n}
+            prompt, settings = _jsonl_request(lines[n - 1], defaults)
+            request = engine.submit(tok_encode(tokenizer, _with_system(system, prompt)), settings)
+        except (ValueError, UsageError) as exc:
+            results[n] = {"error": str(exc), "line": n, **echo}
             continue
-        groups.setdefault(astuple(settings), (settings, []))[1].append((n, prompt, echo))
-    written, batches, tokens, decode_s = 0, 0, 0, 0.0
+        accepted.append((n, request, echo))
+    failed = len(results)
+    written = 0
 
-    def flush() -> int:
-        done = written
-        while done < len(order) and order[done] in results:
-            sys.stdout.write(json.dumps(results.pop(order[done]), ensure_ascii=False) + "\n")
-            done += 1
+    def flush() -> None:
+        nonlocal written
+        while written < len(order) and order[written] in results:
+            sys.stdout.write(json.dumps(results.pop(order[written]), ensure_ascii=False) + "\n")
+            written += 1
         sys.stdout.flush()
-        return done
 
-    written = flush()
-    for settings, members in groups.values():
-        for start in range(0, len(members), JSONL_BATCH):
-            batch = members[start : start + JSONL_BATCH]
-            stats = GenerationStats()
-            texts, finish = [""] * len(batch), [None] * len(batch)
-            for delta in stream_text(engine, tokenizer, [p for _, p, _ in batch], settings, stop, stats):
-                texts[delta.row] += delta.text
-                finish[delta.row] = delta.finish_reason or finish[delta.row]
-            for i, (n, _, echo) in enumerate(batch):
-                new = stats.completion_tokens[i]
-                results[n] = {
-                    "line": n, **echo, "text": texts[i], "prompt_tokens": stats.prompt_tokens[i], "completion_tokens": new,
-                    "finish_reason": finish[i], "batch_size": len(batch), "steps": stats.steps,
-                    "prefill_s": round(stats.prefill_s, 4), "decode_s": round(stats.decode_s, 4),
-                    "tokens_per_s": round(new / stats.decode_s, 2) if stats.decode_s else None,
-                }
-            batches, tokens, decode_s = batches + 1, tokens + sum(stats.completion_tokens), decode_s + stats.decode_s
-            written = flush()
+    flush()
+    texts = [""] * len(accepted)
+    t0 = time.perf_counter()
+    for delta in stream_requests(engine, tokenizer, [r for _, r, _ in accepted], stop):
+        texts[delta.row] += delta.text
+        if delta.finish_reason is None:
+            continue
+        n, request, echo = accepted[delta.row]
+        results[n] = {
+            "line": n, **echo, "text": texts[delta.row], "prompt_tokens": len(request.prompt),
+            "completion_tokens": len(request.tokens), "finish_reason": delta.finish_reason, "steps": request.steps,
+            "prefill_s": round(request.prefill_s, 4), "decode_s": round(request.decode_s, 4),
+            "tokens_per_s": round(len(request.tokens) / request.decode_s, 2) if request.decode_s else None,
+        }
+        flush()
     if verbose:
-        bad = len(order) - sum(len(m) for _, m in groups.values())
-        rate = f"{tokens / decode_s:.2f}" if decode_s else "-"
-        err.print(f"[dim]{len(order) - bad} prompts in {batches} batches, {bad} bad lines · {tokens} tok in {decode_s:.2f}s · {rate} tok/s[/dim]")
+        tokens, wall = sum(len(r.tokens) for _, r, _ in accepted), time.perf_counter() - t0
+        rate = f"{tokens / wall:.2f}" if wall else "-"
+        err.print(
+            f"[dim]{len(accepted)} prompts, {failed} bad lines · {engine.max_batch} slots · "
+            f"{tokens} tok in {wall:.2f}s · {rate} tok/s aggregate[/dim]"
+        )
+    return failed
+
+
+def _jsonl_id(line: str) -> dict:
+    """The line's "id", when the line is a JSON object that has one, so even a failed line can be matched up."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return {}
+    return {"id": obj["id"]} if isinstance(obj, dict) and "id" in obj else {}

@@ -73,8 +73,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             cache_k, cache_v = cache
-            cache_k[:, :, start : start + length] = k
-            cache_v[:, :, start : start + length] = v
+            if isinstance(start, torch.Tensor):  # one new input per row, each at its own slot start[b]
+                index = start.view(b, 1, 1, 1).expand(b, k.shape[1], 1, k.shape[3])
+                cache_k.scatter_(2, index, k)
+                cache_v.scatter_(2, index, v)
+            else:
+                cache_k[:, :, start : start + length] = k
+                cache_v[:, :, start : start + length] = v
             k, v = cache_k, cache_v
         groups = c.num_attention_heads // c.num_key_value_heads
         if groups > 1:
@@ -132,6 +137,20 @@ class Backbone(nn.Module):
         own = slots[None, :] == query_slots
         mask = ((slots[None, :] <= query_slots)[None] & (cache.valid[:, None, :] | own[None]))[:, None]
         return self.run_layers(inputs_embeds, positions, mask, list(zip(cache.keys, cache.values)), start)
+
+    def decode(self, inputs_embeds: torch.Tensor, lengths: torch.Tensor, cache: KVCache, span: int) -> torch.Tensor:
+        """One new input per row [B, 1, H], written at slot lengths[b] of row b's cache (its position).
+
+        Rows are independent sequences that start at slot 0 with no padding, so a row's
+        length is its position; attention reads slots 0..lengths[b] of the first `span`
+        slots (a bound on every length, so short batches do not read the whole buffer).
+        The first B rows of the cache are used.
+        """
+        b = inputs_embeds.shape[0]
+        slots = torch.arange(span, device=inputs_embeds.device)
+        mask = (slots[None, :] <= lengths[:, None])[:, None, None, :]
+        caches = [(k[:b, :, :span], v[:b, :, :span]) for k, v in zip(cache.keys, cache.values)]
+        return self.run_layers(inputs_embeds, lengths[:, None], mask, caches, lengths)
 
     def run_layers(
         self,

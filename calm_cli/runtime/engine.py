@@ -1,246 +1,299 @@
-"""Next-vector decoding: prefill the prompt's chunks, then one backbone step per K tokens.
+"""The one decode loop: requests over a fixed set of slots with a preallocated KV cache.
 
-A step is: backbone hidden state -> generative head draws -> autoencoder decodes each draw
-to K tokens by argmax -> the temperature rule picks one chunk per row -> it is fed back.
-The KV cache is allocated once per call. Prompts in a batch are left-padded to the same
-number of chunks; padding slots are masked out and positions count real chunks only.
+Every command that generates (generate, --jsonl, chat, bench, serve) goes through
+`Engine`. Requests wait in a queue, join between steps (their prompt is prefilled into a
+free slot, in pieces when long) and leave when done: EOS, `max_tokens`, a full context
+(finish reason "length") or `cancel` (a stop string, a client gone). A freed slot takes
+the next request at the next step (continuous batching).
+
+A step samples the next chunk of every busy slot from its hidden state, one call of the
+temperature rule per group of rows that share settings, then feeds all chunks back
+through the backbone at once. The only host synchronisation is the transfer of the
+chosen token ids that the step hands out (plus, on a request's first step after a prompt
+with leftover tokens, one check for rows with no matching candidate). Each request has
+its own random stream from its own seed (`RowRandom`), so its output depends on its
+prompt, settings and seed, not on what else is in the batch.
 
 Prompts whose length is not a multiple of K: the authors right-pad with PAD, a token the
-model never saw in training. We instead prefill the prompt's whole chunks and keep the
-r < K leftover tokens; the first generated chunk is drawn from a pool of candidates kept
-only where their first r tokens equal the leftover (rejection sampling from the model's
-own distribution conditioned on that prefix). When no candidate in the pool matches, we
-take the candidate whose decoder gives the leftover the highest log-probability. Prompts
-shorter than one chunk are left-padded with EOS to one chunk ("a previous document ended
-here"), the only context of that kind the model can have seen.
+model never saw in training. We prefill the prompt's whole chunks and keep the r < K
+leftover tokens; the first generated chunk is drawn conditioned on starting with them
+(`CALMRunner._after_prefix`). Prompts shorter than one chunk are left-padded with EOS to
+one chunk ("a previous document ended here"), the only context of that kind the model
+can have seen.
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import UsageError
+from ..models.backbone import KVCache
+from ..models.baseline import TokenTransformer
 from ..models.calm import CALM
-from .fastdecode import FastCandidateDecoder
-from .sampling import SamplingStats, select_from_pool, temperature_sample
+from .rng import RowRandom, mix64, new_seed
+from .runners import make_runner
+from .sampling import SamplingStats
+from .settings import GenerationSettings, check_settings
 
-LEFTOVER_POOL = 64
-CANDIDATE_DECODERS = ("dense", "fast")
-EXACT_BLOCK = 8  # the exact sampler's first round: a confident position is accepted within it
-# The approximation draws its N candidates in one call.  An adaptive pool (16, doubling until
-# settled) needs 2+ calls: on the default model's diffuse positions it never settles early and
-# is 19% slower; on concentrated ones it decodes about half as many at a TV of 0.0006 or less
-# from the fixed rule (benchmarks/adaptive_pool.py, benchmarks/sampler_speed.py).  Set 16 for it.
-POOL_BLOCK: int | None = None
+PREFILL_PIECE = 256  # steps of a prompt prefilled per backbone call: bounds prefill memory
+SPAN_QUANTUM = 64  # attention reads the cache up to the longest row, rounded up to this
+DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 64}
+_ids = itertools.count(1)
 
 
-@dataclass
-class GenerationSettings:
-    max_tokens: int = 128
-    temperature: float = 0.5
-    num_samples: int = 200
-    sampler: str = "approx"
-    seed: int | None = None
+def default_max_batch(device: torch.device) -> int:
+    """Slots when the user gives none.
 
-
-@dataclass
-class StepOutput:
-    """New token ids per row from one step (empty for rows already finished)."""
-
-    tokens: list[list[int]]
-    finished: list[bool]
+    CPU: 8. A decode step there is bound by the candidate decoding, whose cost grows with
+    the rows, so more slots add latency for every request while the aggregate rate levels
+    off; 8 concurrent requests already give most of it. CUDA: 64, where a step is bound by
+    reading the weights and rows come almost free.
+    """
+    return DEFAULT_MAX_BATCH.get(device.type, 8)
 
 
 @dataclass
-class GenerationStats:
-    prompt_tokens: list[int] = field(default_factory=list)
-    completion_tokens: list[int] = field(default_factory=list)
+class Request:
+    """One prompt's generation. The engine fills `tokens` and sets `finish_reason` when it ends."""
+
+    prompt: list[int]
+    settings: GenerationSettings
+    seed: int
+    id: int = field(default_factory=lambda: next(_ids))
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    on_update: Callable[[Update], None] | None = None
+    cancel_reason: str | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float | None = None  # prefill began
+    first_step: float | None = None  # prefill ended
+    finished: float | None = None
     steps: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    sampling: SamplingStats = field(default_factory=SamplingStats)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def prefill_s(self) -> float:
+        return (self.first_step or 0.0) - (self.started or 0.0)
+
+    @property
+    def decode_s(self) -> float:
+        return (self.finished or time.perf_counter()) - self.first_step if self.first_step else 0.0
+
+
+@dataclass
+class Update:
+    """New tokens of one request from one step; `finish_reason` is set on its last update."""
+
+    request: Request
+    tokens: list[int]
+    finish_reason: str | None = None
 
 
 class Engine:
-    """Owns a CALM model on one device; `stream` yields tokens chunk by chunk."""
+    """Owns a model, its slots and KV cache; `submit` requests, then `step` (or `run`) until they are done.
 
-    def __init__(self, model: CALM, compile: bool = False, candidate_decoder: str = "fast") -> None:
-        check_candidate_decoder(candidate_decoder)
+    `submit` and `cancel` may be called from other threads; `step` from one thread only.
+    """
+
+    def __init__(
+        self, model: CALM | TokenTransformer, *, max_batch: int | None = None, candidate_decoder: str = "fast",
+        compile: bool = False,
+    ) -> None:
         self.model = model
-        # Both give the same chunks (calm_cli/fastdecode.py); dense is kept for comparison.
-        self.decode_chunks = FastCandidateDecoder(model.ae_model) if candidate_decoder == "fast" else model.ae_model.decode_tokens
+        self.runner = make_runner(model, candidate_decoder)
         self.config = model.config
-        self.k = model.config.patch_size
-        self.device = next(model.parameters()).device
+        self.k = self.runner.unit
+        self.context = self.runner.context
+        param = next(model.parameters())
+        self.device = param.device
+        self.max_batch = max_batch or default_max_batch(self.device)
+        if self.max_batch < 1:
+            raise UsageError("--max-batch must be at least 1")
         self.eos = model.config.eos_token_id
-        self.pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-        self._step = torch.compile(model.step, dynamic=True) if compile else model.step
+        self.pad = model.config.pad_token_id  # None: no token is padding, every token is kept
+        self.cache: KVCache = self.runner.new_cache(self.max_batch)
+        self.hidden = torch.zeros(self.max_batch, model.config.hidden_size, dtype=param.dtype, device=self.device)
+        self.rng = RowRandom(
+            torch.zeros(self.max_batch, dtype=torch.long, device=self.device),
+            torch.zeros(self.max_batch, dtype=torch.long, device=self.device),
+        )
+        self.slots: list[Request | None] = [None] * self.max_batch
+        self.lengths = [0] * self.max_batch  # steps in each slot's cache
+        self.prefixes: list[list[int] | None] = [None] * self.max_batch
+        self.sampling = SamplingStats()
+        self.steps = 0
+        self.step_s = 0.0  # time in decode steps, summed
+        self._waiting: deque[Request] = deque()
+        self._lock = threading.Lock()
+        self._step = torch.compile(self.runner.step, dynamic=True) if compile else self.runner.step
 
-    def draw_fn(self, hidden: torch.Tensor, generator: torch.Generator | None) -> Callable[..., torch.Tensor]:
-        """The black-box sampler the temperature rules see: n fresh chunks for the given rows."""
-        head, decode = self.model.generative_head, self.decode_chunks
+    # ---- requests --------------------------------------------------------------------------
 
-        def draw(n: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-            h = hidden if rows is None else hidden[rows]
-            return decode(head.sample(h, n, generator=generator))
+    def submit(
+        self, prompt: list[int], settings: GenerationSettings, on_update: Callable[[Update], None] | None = None
+    ) -> Request:
+        """Queue a prompt (token ids); raises UsageError for bad settings or a prompt longer than the context."""
+        check_settings(settings)
+        prompt = self._framed(prompt)
+        if len(prompt) // self.k >= self.context:
+            raise UsageError(f"prompt is {len(prompt)} tokens; the model's context is {self.context * self.k} tokens")
+        seed = settings.seed if settings.seed is not None else new_seed()
+        request = Request(prompt, settings, seed, on_update=on_update)
+        with self._lock:
+            self._waiting.append(request)
+        return request
 
-        return draw
+    def cancel(self, request: Request, reason: str = "cancelled") -> None:
+        """End a request at the next step (its slot is free by then); the first reason given stands."""
+        if request.cancel_reason is None:
+            request.cancel_reason = reason
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return sum(slot is not None for slot in self.slots)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting) or any(slot is not None for slot in self.slots)
+
+    def run(self) -> Iterator[list[Update]]:
+        """Step until every submitted request is done, yielding each step's updates."""
+        while self.has_work():
+            yield self.step()
+
+    # ---- the loop ----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def stream(
-        self, prompts: list[list[int]], settings: GenerationSettings, stats: GenerationStats | None = None
-    ) -> Iterator[StepOutput]:
-        """Yield one StepOutput per decode step until every row has finished or hit max_tokens."""
-        if not prompts:
-            return
-        stats = stats if stats is not None else GenerationStats()
-        k, device = self.k, self.device
-        prompts = [p if len(p) >= k else [self.eos] * (k - len(p)) + p for p in prompts]
-        chunks = [len(p) // k for p in prompts]
-        leftovers = [p[c * k :] for p, c in zip(prompts, chunks)]
-        max_steps = -(-(settings.max_tokens + k - 1) // k)
-        limit = self.config.max_position_embeddings
-        if max(chunks) >= limit:
-            raise UsageError(f"prompt is {max(len(p) for p in prompts)} tokens; the model's context is {limit * k} tokens")
-        ids, valid, positions = left_pad([p[: c * k] for p, c in zip(prompts, chunks)], k, self.pad, device)
-        batch, width = valid.shape
-        max_steps = min(max_steps, limit - width)
-        generator = seeded_generator(settings.seed, device)
-        stats.prompt_tokens = [len(p) for p in prompts]
-
+    def step(self) -> list[Update]:
+        """Retire cancelled requests, admit waiting ones, and decode one chunk for every busy slot."""
+        updates = self._retire_cancelled()
+        self._admit(updates)
+        busy = [i for i, request in enumerate(self.slots) if request is not None]
+        if not busy:
+            return self._deliver(updates)
         t0 = time.perf_counter()
-        cache = self.model.new_cache(batch, width + max_steps)
-        cache.valid[:, :width] = valid
-        hidden = self._step(ids, cache, 0, positions)[:, -1]
-        stats.prefill_s = time.perf_counter() - t0
+        rows = max(busy) + 1  # slots are filled lowest first, so this stays small when few are busy
+        chosen = torch.full((rows, self.k), self.eos if self.eos is not None else 0, dtype=torch.long, device=self.device)
+        for members, settings, prefixes in self._groups(busy):
+            index = torch.tensor(members, device=self.device)
+            chosen[index] = self.runner.sample(self.hidden[index], self.rng.rows(index), settings, self.sampling, prefixes)
+        feed = [self.lengths[i] if self.slots[i] is not None and self.lengths[i] < self.context else 0 for i in range(rows)]
+        span = min(self.context, -(-(max(feed) + 1) // SPAN_QUANTUM) * SPAN_QUANTUM)
+        lengths = torch.tensor(feed, dtype=torch.long, device=self.device)
+        self.hidden[:rows] = self._step(self.cache, chosen, lengths, span)
+        tokens = chosen.tolist()  # the step's one host synchronisation
+        for i in busy:
+            updates.append(self._take(i, tokens[i]))
+        self.steps += 1
+        self.step_s += time.perf_counter() - t0
+        return self._deliver(updates)
 
-        rows = RowTracker(batch, settings.max_tokens, self.eos, self.pad)
-        t0 = time.perf_counter()
-        for step in range(max_steps):
-            if any(leftovers) and step == 0:
-                chunk, skip = self._first_chunk(hidden, leftovers, settings, generator)
-            else:
-                chunk = sample_step(self.draw_fn(hidden, generator), settings, generator, stats.sampling)
-                skip = [0] * batch
-            out = rows.take([row[s:] for row, s in zip(chunk.tolist(), skip)], last=step + 1 == max_steps)
-            stats.steps, stats.completion_tokens = step + 1, list(rows.produced)
-            stats.decode_s = time.perf_counter() - t0
-            yield StepOutput(out, list(rows.done))
-            if all(rows.done):
-                break
-            cache.valid[:, width + step] = True
-            hidden = self._step(chunk, cache, width + step, (positions[:, -1:] + step + 1))[:, -1]
+    def _framed(self, prompt: list[int]) -> list[int]:
+        """A prompt the model can condition on: at least one whole step, filled with EOS in front."""
+        filler = self.eos if self.eos is not None else 0
+        return [filler] * (self.k - len(prompt)) + list(prompt) if len(prompt) < self.k else list(prompt)
 
-    def _first_chunk(
-        self, hidden: torch.Tensor, leftovers: list[list[int]], settings: GenerationSettings, generator: torch.Generator
-    ) -> tuple[torch.Tensor, list[int]]:
-        """First chunk conditioned on each row's leftover prompt tokens (see the module docstring)."""
-        k, batch = self.k, hidden.shape[0]
-        pool = max(settings.num_samples, LEFTOVER_POOL)
-        head, ae = self.model.generative_head, self.model.ae_model
-        latents = head.sample(hidden, pool, generator=generator)
-        logits = ae.decoder(latents.unsqueeze(-2)).float()
-        candidates = logits.argmax(-1)
-        prefix = torch.full((batch, k), -1, dtype=torch.long, device=hidden.device)
-        for i, left in enumerate(leftovers):
-            prefix[i, : len(left)] = torch.tensor(left, dtype=torch.long)
-        fixed = prefix >= 0
-        match = ((candidates == prefix[:, None]) | ~fixed[:, None]).all(-1)
-        logp = F.log_softmax(logits, -1).gather(-1, prefix.clamp(min=0)[:, None, :, None].expand(-1, pool, -1, -1))[..., 0]
-        best = (logp * fixed[:, None]).sum(-1).argmax(-1)
-        fallback = candidates[torch.arange(batch, device=hidden.device), best]
-        found = match.any(-1, keepdim=True)
-        chosen = select_from_pool(candidates, settings.temperature, generator=generator, valid=match | ~found)
-        chosen = torch.where(found, chosen, fallback)
-        chosen = torch.where(fixed, prefix, chosen)
-        return chosen, [len(left) for left in leftovers]
+    def _retire_cancelled(self) -> list[Update]:
+        updates = []
+        for i, request in enumerate(self.slots):
+            if request is not None and request.cancel_reason is not None:
+                updates.append(self._finish(i, [], request.cancel_reason))
+        with self._lock:
+            gone = [r for r in self._waiting if r.cancel_reason is not None]
+            for request in gone:
+                self._waiting.remove(request)
+        for request in gone:
+            request.finish_reason, request.finished = request.cancel_reason, time.perf_counter()
+            updates.append(Update(request, [], request.finish_reason))
+        return updates
 
-
-def sample_step(
-    draw: Callable[..., torch.Tensor], settings: GenerationSettings, generator: torch.Generator | None,
-    stats: SamplingStats | None = None,
-) -> torch.Tensor:
-    """One decode step's chunks by the settings' temperature rule, as the engine draws them.
-
-    The exact sampler starts with EXACT_BLOCK candidates and doubles its rounds up to the pool
-    size; the approximation grows its pool POOL_BLOCK at a time when that is set.  `calm bench`
-    calls this too, so both pay the same candidate decodes.
-    """
-    return temperature_sample(
-        draw, settings.temperature, method=settings.sampler, num_samples=settings.num_samples, generator=generator,
-        block=EXACT_BLOCK, max_block=settings.num_samples, pool_block=POOL_BLOCK, stats=stats,
-    )
-
-
-class RowTracker:
-    """Per-row bookkeeping shared by the CALM and token engines: EOS, PAD, the token budget.
-
-    `pad` is dropped from the output when given: CALM chunks may hold it; a token model's
-    sampled token is kept whatever it is, so each step is one token.
-    """
-
-    def __init__(self, batch: int, max_tokens: int, eos: int | None, pad: int | None) -> None:
-        self.max_tokens, self.eos, self.pad = max_tokens, eos, pad
-        self.produced = [0] * batch
-        self.done = [False] * batch
-
-    def take(self, new_tokens: list[list[int]], last: bool = False) -> list[list[int]]:
-        """The tokens each row keeps from this step: cut at EOS, PAD dropped, capped at max_tokens."""
-        out: list[list[int]] = []
-        for i, new in enumerate(new_tokens):
-            if self.done[i]:
-                out.append([])
+    def _admit(self, updates: list[Update]) -> None:
+        """Prefill waiting requests into free slots, lowest slot first."""
+        for i in range(self.max_batch):
+            if self.slots[i] is not None:
                 continue
-            if self.eos is not None and self.eos in new:
-                new = new[: new.index(self.eos)]
-                self.done[i] = True
-            new = [t for t in new if t != self.pad][: self.max_tokens - self.produced[i]]
-            self.produced[i] += len(new)
-            self.done[i] = self.done[i] or self.produced[i] >= self.max_tokens or last
-            out.append(new)
-        return out
+            with self._lock:
+                if not self._waiting:
+                    return
+                request = self._waiting.popleft()
+            self._prefill(i, request)
 
+    def _prefill(self, slot: int, request: Request) -> None:
+        request.started = time.perf_counter()
+        whole = len(request.prompt) // self.k
+        ids = torch.tensor(request.prompt[: whole * self.k], dtype=torch.long, device=self.device)[None]
+        view = KVCache(
+            keys=[k[slot : slot + 1] for k in self.cache.keys],
+            values=[v[slot : slot + 1] for v in self.cache.values],
+            valid=self.cache.valid[slot : slot + 1],
+        )
+        view.valid.zero_()
+        view.valid[:, :whole] = True
+        piece = PREFILL_PIECE * self.k
+        for start in range(0, whole * self.k, piece):
+            hidden = self.runner.prefill(view, ids[:, start : start + piece], start // self.k)
+        self.hidden[slot] = hidden[0]
+        self.rng.keys[slot] = mix64(torch.tensor(request.seed, dtype=torch.long, device=self.device))
+        self.rng.counters[slot] = 0
+        self.slots[slot], self.lengths[slot] = request, whole
+        leftover = request.prompt[whole * self.k :]
+        self.prefixes[slot] = leftover or None
+        request.first_step = time.perf_counter()
 
-def left_pad(prompts: list[list[int]], unit: int, pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-pad prompts (lengths multiples of `unit`) to one width.
+    def _groups(self, busy: list[int]) -> Iterator[tuple[list[int], GenerationSettings, list[list[int]] | None]]:
+        """Busy slots grouped by sampling settings, rows with leftover prompt tokens apart."""
+        groups: dict[tuple, list[int]] = {}
+        for i in busy:
+            groups.setdefault((self.slots[i].settings.group, self.prefixes[i] is not None), []).append(i)
+        for (_, leftover), members in groups.items():
+            settings = self.slots[members[0]].settings
+            yield members, settings, [self.prefixes[i] for i in members] if leftover else None
 
-    Returns ids [B, W * unit], valid [B, W] (real slots, one per `unit` tokens) and positions
-    [B, W] that count real slots only, so a padded row sees the positions it would see alone.
-    """
-    width = max(len(p) for p in prompts) // unit
-    ids = torch.full((len(prompts), width * unit), pad, dtype=torch.long)
-    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        if p:
-            ids[i, width * unit - len(p) :] = torch.tensor(p)
-        valid[i, width - len(p) // unit :] = True
-    ids, valid = ids.to(device), valid.to(device)
-    positions = (torch.arange(width, device=device) - (width - valid.sum(1))[:, None]).clamp(min=0)
-    return ids, valid, positions
+    def _take(self, slot: int, chunk: list[int]) -> Update:
+        """The tokens slot `slot` keeps from its new chunk, and whether that ends the request."""
+        request = self.slots[slot]
+        settings = request.settings
+        new = chunk[len(self.prefixes[slot] or ()) :]
+        self.prefixes[slot] = None
+        reason = None
+        if not settings.ignore_eos and self.eos is not None and self.eos in new:
+            new, reason = new[: new.index(self.eos)], "eos"
+        if self.pad is not None and not settings.ignore_eos:
+            new = [t for t in new if t != self.pad]
+        new = new[: settings.max_tokens - len(request.tokens)]
+        request.tokens.extend(new)
+        request.steps += 1
+        if reason is None and len(request.tokens) >= settings.max_tokens:
+            reason = "length"
+        if reason is None and self.lengths[slot] >= self.context:
+            reason = "length"  # the context is full: this chunk could not be fed back
+        self.lengths[slot] += 1
+        if reason is not None:
+            return self._finish(slot, new, reason)
+        return Update(request, new)
 
+    def _finish(self, slot: int, new: list[int], reason: str) -> Update:
+        request = self.slots[slot]
+        request.finish_reason, request.finished = reason, time.perf_counter()
+        self.slots[slot], self.lengths[slot], self.prefixes[slot] = None, 0, None
+        return Update(request, new, reason)
 
-def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else torch.seed())
-    return generator
-
-
-def check_candidate_decoder(name: str) -> None:
-    if name not in CANDIDATE_DECODERS:
-        raise UsageError(f"--candidate-decoder must be 'dense' or 'fast', got '{name}'")
-
-
-def check_settings(settings: GenerationSettings) -> None:
-    if settings.max_tokens < 1:
-        raise UsageError("--max-tokens must be at least 1")
-    if not 0.0 <= settings.temperature <= 1.0:
-        raise UsageError(f"--temp must be in [0, 1], got {settings.temperature}")
-    if settings.num_samples < 1:
-        raise UsageError("--samples must be at least 1")
-    if settings.sampler not in ("approx", "exact"):
-        raise UsageError(f"--sampler must be 'approx' or 'exact', got '{settings.sampler}'")
+    @staticmethod
+    def _deliver(updates: list[Update]) -> list[Update]:
+        for update in updates:
+            if update.request.on_update is not None:
+                update.request.on_update(update)
+        return updates

@@ -14,7 +14,8 @@ chunks' device), and must then return ``[len(index), n, K]`` for those rows only
 exact sampler uses it so that only rows still rejecting pay for new candidates.  A
 ``draw`` without that parameter keeps working: the sampler draws for all rows and keeps
 the ones it needs.  ``draw`` owns its randomness; the sampler's own coin flips come from
-``generator``.
+``generator``: a torch.Generator, or a ``RowRandom`` (calm_cli/runtime/rng.py) whose rows
+have streams of their own, so that a row's pick does not depend on the other rows.
 
 Temperatures (beta = 1/T; within 1e-9 relative of an integer it is snapped to it)
 --------------------------------------------------------------------------------
@@ -111,8 +112,10 @@ import torch
 from torch import Tensor
 
 from ..errors import UsageError
+from .rng import RowRandom
 
 DrawFn = Callable[..., Tensor]
+Random = torch.Generator | RowRandom | None
 METHODS = ("approx", "exact")
 SETTLE_TV = 0.02  # default ``settle`` (a bound; the measured distance is far smaller): see "Settled pools"
 SETTLE_Z = 2.0  # Wilson bounds at about 97.7% one-sided confidence
@@ -135,7 +138,7 @@ def temperature_sample(
     *,
     method: str = "approx",
     num_samples: int = 200,
-    generator: torch.Generator | None = None,
+    generator: Random = None,
     max_draws: int = 2000,
     block: int = 32,
     max_block: int | None = None,
@@ -176,7 +179,7 @@ def temperature_sample(
 
 
 def select_from_pool(
-    pool: Tensor, temperature: float, *, generator: torch.Generator | None = None, valid: Tensor | None = None
+    pool: Tensor, temperature: float, *, generator: Random = None, valid: Tensor | None = None
 ) -> Tensor:
     """Pick one chunk per row of a drawn pool ``[rows, N, K]`` by the pool weights.
 
@@ -252,7 +255,7 @@ def _log_weights(counts: Tensor, beta: float) -> Tensor:
     return log_w.masked_fill(~qualifies, -math.inf)
 
 
-def _select(pool: Tensor, beta: float, generator: torch.Generator | None) -> Tensor:
+def _select(pool: Tensor, beta: float, generator: Random) -> Tensor:
     """One weighted pick per row via Gumbel-max over the log weights (no host sync)."""
     counts, first = count_pool(pool)
     noise = _uniform(counts.shape, generator, pool.device).clamp_min(torch.finfo(torch.float64).tiny)
@@ -261,7 +264,7 @@ def _select(pool: Tensor, beta: float, generator: torch.Generator | None) -> Ten
 
 
 def _grown_select(
-    drawer: _Drawer, beta: float, generator: torch.Generator | None, num_samples: int, pool_block: int, settle: float
+    drawer: _Drawer, beta: float, generator: Random, num_samples: int, pool_block: int, settle: float
 ) -> Tensor:
     """The approximation on pools of ``pool_block``, doubled until settled or ``num_samples`` long."""
     first = drawer(pool_block)
@@ -314,7 +317,7 @@ def _greedy(pool: Tensor) -> Tensor:
 def _exact(
     drawer: _Drawer,
     beta: float,
-    generator: torch.Generator | None,
+    generator: Random,
     block: int,
     max_block: int,
     max_draws: int,
@@ -339,7 +342,7 @@ def _exact(
     )
     used = size
     while True:
-        accepted, state = _exact_round(candidates, whole, alpha, state, generator)
+        accepted, state = _exact_round(candidates, whole, alpha, state, _rows(generator, pending))
         result[pending[accepted]] = state.value[accepted]
         keep = ~accepted
         pending, state = pending[keep], state.subset(keep)
@@ -351,7 +354,7 @@ def _exact(
         used += size
     if pending.numel():
         stats.fallbacks += pending.numel()
-        result[pending] = _select(drawer(num_samples, pending), beta, generator)
+        result[pending] = _select(drawer(num_samples, pending), beta, _rows(generator, pending))
     return result
 
 
@@ -368,7 +371,7 @@ class _FactoryState:
 
 
 def _exact_round(
-    candidates: Tensor, whole: int, alpha: float, state: _FactoryState, generator: torch.Generator | None
+    candidates: Tensor, whole: int, alpha: float, state: _FactoryState, generator: Random
 ) -> tuple[Tensor, _FactoryState]:
     """Run one block ``[P, B, K]`` of the exact sampler for every pending row at once.
 
@@ -416,8 +419,15 @@ def _chunks_at(pool: Tensor, index: Tensor) -> Tensor:
     return pool[torch.arange(pool.shape[0], device=pool.device), index]
 
 
-def _uniform(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Uniforms from the caller's generator, made on its own device and moved to the chunks'."""
+def _rows(generator: Random, rows: Tensor) -> Random:
+    """The generator for a subset of rows: per-row streams follow their rows, a shared generator stays as it is."""
+    return generator.rows(rows) if isinstance(generator, RowRandom) else generator
+
+
+def _uniform(shape: tuple[int, ...] | torch.Size, generator: Random, device: torch.device) -> Tensor:
+    """Uniforms from the caller's generator (a row's own stream for a RowRandom), on the chunks' device."""
+    if isinstance(generator, RowRandom):
+        return generator.uniform(shape).to(device)
     source = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=source, dtype=torch.float64).to(device)
 

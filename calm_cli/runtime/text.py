@@ -1,17 +1,28 @@
-"""Text in, text out: tokenisation, incremental detokenisation and stop strings over the Engine."""
+"""Text in, text out over the Engine: tokenising, incremental detokenising and stop strings.
+
+`TextStream` turns one request's growing token list into text deltas in time linear in
+the output: it decodes only a short window (the last few tokens already shown plus the new
+ones), holds back an incomplete UTF-8 character (the tokenizer shows it as U+FFFD until
+its last byte arrives) and any tail that could be the start of a stop string.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from tokenizers import Tokenizer
 
 from ..errors import CalmError
 from ..io.tokenizer import encode
-from .engine import Engine, GenerationSettings, GenerationStats
+from .engine import Engine, Request, Update
+from .sampling import SamplingStats
+from .settings import GenerationSettings
 
 REPLACEMENT = "\ufffd"
+CONTEXT_TOKENS = 4  # tokens already shown that are decoded again with new ones, for spacing rules
+MAX_SPLIT_TOKENS = 8  # a character split over more tokens than this is invalid bytes: show it as U+FFFD
 
 
 @dataclass
@@ -24,73 +35,139 @@ class TextDelta:
 
 
 @dataclass
-class _Row:
-    ids: list[int] = field(default_factory=list)
-    emitted: int = 0
-    text: str = ""
-    done: bool = False
-    finish_reason: str | None = None
+class GenerationStats:
+    prompt_tokens: list[int] = field(default_factory=list)
+    completion_tokens: list[int] = field(default_factory=list)
+    steps: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    sampling: SamplingStats = field(default_factory=SamplingStats)
 
 
-def _stop_cut(text: str, stops: list[str]) -> int | None:
-    cuts = [text.find(s) for s in stops if s and s in text]
-    return min(cuts) if cuts else None
+class TextStream:
+    """One request's text so far; `feed` takes new token ids and returns the text that is now final."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in (stop or []) if s]
+        self.ids: list[int] = []
+        self.start = 0  # ids before this were decoded for good; decoding resumes from here
+        self.shown = 0  # ids[start:shown] were decoded into `pending` or shown already
+        self.pending = ""  # decoded text not yet handed out (a possible stop-string start)
+        self.stopped = False
+
+    def feed(self, new: list[int], final: bool = False) -> str:
+        """Text that can be shown after `new`; with `final`, everything left. Sets `stopped` at a stop string."""
+        if self.stopped:
+            return ""
+        self.ids.extend(new)
+        before = self.tokenizer.decode(self.ids[self.start : self.shown], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self.start :], skip_special_tokens=True)
+        if after.endswith(REPLACEMENT) and not final and len(self.ids) - self.shown < MAX_SPLIT_TOKENS:
+            return self._release(final=False)  # wait for the rest of a split character
+        self.pending += after[len(before) :]
+        self.shown = len(self.ids)
+        self.start = max(self.start, self.shown - CONTEXT_TOKENS)
+        return self._release(final)
+
+    def _release(self, final: bool) -> str:
+        cuts = [self.pending.find(s) for s in self.stop if s in self.pending]
+        if cuts:
+            self.stopped = True
+            out, self.pending = self.pending[: min(cuts)], ""
+            return out
+        hold = 0 if final else _holdback(self.pending, self.stop)
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out) :]
+        return out
 
 
 def _holdback(text: str, stops: list[str]) -> int:
-    """Characters at the end of `text` that might be the start of a stop string or a split UTF-8 byte."""
+    """Characters at the end of `text` that might be the start of a stop string."""
     hold = 0
     for s in stops:
         for n in range(min(len(s) - 1, len(text)), 0, -1):
             if text.endswith(s[:n]):
                 hold = max(hold, n)
                 break
-    if text.endswith(REPLACEMENT):
-        hold = max(hold, len(text) - len(text.rstrip(REPLACEMENT)))
     return hold
 
 
 def stream_text(
     engine: Engine,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | None,
     prompts: list[str],
-    settings: GenerationSettings,
+    settings: GenerationSettings | list[GenerationSettings],
     stop: list[str] | None = None,
     stats: GenerationStats | None = None,
 ) -> Iterator[TextDelta]:
-    """Yield text deltas per row as chunks are decoded; a stop string ends its row and is not shown."""
+    """Yield text deltas per row as chunks are decoded; a stop string ends its row and is not shown.
+
+    All prompts go to the engine at once (one settings for all, or one per prompt); each row
+    ends on its own and frees its slot for the next.
+    """
     if tokenizer is None:
         raise CalmError("the model has no tokenizer.json (pass --tokenizer PATH)")
-    stop = [s for s in (stop or []) if s]
-    token_prompts = [encode(tokenizer, p) for p in prompts]
-    rows = [_Row() for _ in prompts]
-    for step in engine.stream(token_prompts, settings, stats):
-        for i, (new, finished) in enumerate(zip(step.tokens, step.finished)):
-            row = rows[i]
-            if row.done:
-                continue
-            row.ids.extend(new)
-            text = tokenizer.decode(row.ids, skip_special_tokens=True)
-            cut = _stop_cut(text, stop)
-            if cut is not None:
-                text, finished, row.finish_reason = text[:cut], True, "stop"
-            elif finished:
-                row.finish_reason = "length" if len(row.ids) >= settings.max_tokens else "eos"
-            ready = len(text) if finished else len(text) - _holdback(text, stop)
-            if ready > row.emitted or finished:
-                delta = text[row.emitted : ready]
-                row.emitted = max(row.emitted, ready)
-                row.done = finished
-                yield TextDelta(i, delta, row.finish_reason if finished else None)
-        if all(r.done for r in rows):
-            break
+    per_row = settings if isinstance(settings, list) else [settings] * len(prompts)
+    requests: list[Request] = [engine.submit(encode(tokenizer, p), s) for p, s in zip(prompts, per_row)]
+    yield from stream_requests(engine, tokenizer, requests, stop, stats)
+
+
+def stream_requests(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    requests: list[Request],
+    stop: list[str] | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[TextDelta]:
+    """Drive the engine until `requests` are done, yielding their text (row = index in `requests`)."""
+    row_of = {request.id: i for i, request in enumerate(requests)}
+    streams = [TextStream(tokenizer, stop) for _ in requests]
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = [len(r.prompt) for r in requests]
+    sampling_before = engine.sampling.__dict__.copy()
+    t0 = time.perf_counter()
+    left = len(requests)
+    try:
+        while left:
+            for update in engine.step():
+                row = row_of.get(update.request.id)
+                if row is None:
+                    continue
+                delta = _delta(engine, streams[row], update)
+                if delta is not None:
+                    left -= delta[1] is not None
+                    yield TextDelta(row, *delta)
+            stats.completion_tokens = [len(r.tokens) for r in requests]
+            stats.steps = max(r.steps for r in requests)
+            stats.prefill_s = sum(r.prefill_s for r in requests)
+            stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
+            stats.sampling = SamplingStats(**{k: v - sampling_before[k] for k, v in engine.sampling.__dict__.items()})
+    finally:
+        for request in requests:
+            if not request.done:
+                engine.cancel(request)
+
+
+def _delta(engine: Engine, stream: TextStream, update: Update) -> tuple[str, str | None] | None:
+    """(text, finish reason) for one update of a row; a stop string cancels the request in the engine."""
+    if stream.stopped:
+        return None
+    final = update.finish_reason is not None
+    text = stream.feed(update.tokens, final=final)
+    if stream.stopped:
+        engine.cancel(update.request, "stop")
+        return text, "stop"
+    if final or text:
+        return text, update.finish_reason
+    return None
 
 
 def generate(
     engine: Engine,
     tokenizer: Tokenizer,
     prompts: list[str],
-    settings: GenerationSettings,
+    settings: GenerationSettings | list[GenerationSettings],
     stop: list[str] | None = None,
     stats: GenerationStats | None = None,
 ) -> list[str]:
