@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calm_cli.io.checkpoint import load_autoencoder, load_model  # noqa: E402
-from calm_cli.runtime.engine import EXACT_BLOCK  # noqa: E402
 from calm_cli.runtime.fastdecode import FastCandidateDecoder  # noqa: E402
+from calm_cli.runtime.runners import EXACT_BLOCK  # noqa: E402
 from calm_cli.runtime.sampling import (  # noqa: E402
     SETTLE_TV,
     SETTLE_Z,

@@ -2,7 +2,7 @@
 
 `calm bench` covers temperatures, samplers and decoders; this adds the approximation's pool
 (fixed N against the adaptive pool of `engine.POOL_BLOCK`) on held-out prompts, through
-`Engine.stream` itself, and prints candidates decoded per step next to tokens/s.
+`Engine` itself, and prints candidates decoded per step next to tokens/s.
 
     python benchmarks/sampler_speed.py --model runs/calm/checkpoint [--tokens 64] [--repeats 3]
 """
@@ -19,24 +19,33 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dataclasses import replace  # noqa: E402
+
 from calm_cli.io.checkpoint import load_model  # noqa: E402
-from calm_cli.runtime import engine  # noqa: E402
-from calm_cli.runtime.engine import Engine, GenerationSettings, GenerationStats  # noqa: E402
+from calm_cli.runtime import runners  # noqa: E402
+from calm_cli.runtime.engine import Engine  # noqa: E402
+from calm_cli.runtime.sampling import SamplingStats  # noqa: E402
+from calm_cli.runtime.settings import GenerationSettings  # noqa: E402
 
 ADAPTIVE_BLOCK = 16
 
 
 def run(model_engine: Engine, prompt: list[int], settings: GenerationSettings, repeats: int) -> tuple[float, float]:
     """Median decode tokens/s over `repeats` runs after a warm-up, and candidates decoded per row and step."""
-    list(model_engine.stream([prompt], settings))
-    rates, draws, rows = [], 0, 0
+    _decode(model_engine, prompt, settings)
+    rates = []
+    model_engine.sampling = SamplingStats()
     for seed in range(repeats):
-        stats = GenerationStats()
-        settings.seed = seed
-        list(model_engine.stream([prompt], settings, stats))
-        rates.append(stats.completion_tokens[0] / stats.decode_s)
-        draws, rows = draws + stats.sampling.draws, rows + stats.sampling.rows
-    return statistics.median(rates), draws / rows
+        rates.append(_decode(model_engine, prompt, replace(settings, seed=seed)))
+    stats = model_engine.sampling
+    return statistics.median(rates), stats.draws / stats.rows
+
+
+def _decode(model_engine: Engine, prompt: list[int], settings: GenerationSettings) -> float:
+    request = model_engine.submit(prompt, settings)
+    for _ in model_engine.run():
+        pass
+    return len(request.tokens) / request.decode_s
 
 
 def main() -> None:
@@ -59,7 +68,7 @@ def main() -> None:
         setups = [("exact", None), ("approx", None), ("approx", ADAPTIVE_BLOCK)] if temperature < 1 else [("approx", None)]
         for sampler, pool_block in setups:
             for name, model_engine in engines.items():
-                engine.POOL_BLOCK = pool_block
+                runners.POOL_BLOCK = pool_block
                 settings = GenerationSettings(max_tokens=args.tokens, temperature=temperature, sampler=sampler)
                 rate, per_step = run(model_engine, prompt, settings, args.repeats)
                 pool = "" if sampler == "exact" else (f" adaptive pool from {pool_block}" if pool_block else " fixed pool")

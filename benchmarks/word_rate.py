@@ -25,9 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calm_cli.cli.main import load_for_cli  # noqa: E402
-from calm_cli.runtime.engine import GenerationSettings  # noqa: E402
+from calm_cli.runtime.engine import Engine  # noqa: E402
+from calm_cli.runtime.settings import GenerationSettings  # noqa: E402
 from calm_cli.runtime.text import generate  # noqa: E402
-from calm_cli.runtime.token_engine import make_engine  # noqa: E402
 
 PROMPTS = [
     "The history of", "In the morning", "She said that", "The kernel", "It is a truth",
@@ -94,7 +94,7 @@ def main() -> None:
         rows.append({"model": "held-out text", "temperature": None, **score([text], lex)})
     for path in args.model:
         model = load_for_cli(path, "cpu", "fp32")
-        engine = make_engine(model)
+        engine = Engine(model)
         for temp in (float(t) for t in args.temps.split(",")):
             texts = []
             for seed in range(args.seeds):

@@ -23,3 +23,12 @@ def run_calm(*args: str, input: str | None = None, env: dict[str, str] | None = 
         calm_command() + list(args), input=input if input is not None else "", capture_output=True, text=True,
         env=full_env, timeout=timeout,
     )
+
+
+def decode_all(engine, prompts: list[list[int]], settings) -> list[list[int]]:
+    """Submit every prompt to `engine` (one settings, or one per prompt) and step it until all are done."""
+    per_row = settings if isinstance(settings, list) else [settings] * len(prompts)
+    requests = [engine.submit(p, s) for p, s in zip(prompts, per_row)]
+    for _ in engine.run():
+        pass
+    return [r.tokens for r in requests]

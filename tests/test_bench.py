@@ -8,24 +8,17 @@ import os
 
 import pytest
 import torch
-from helpers import run_calm
+from helpers import decode_all, run_calm
 
-from calm_cli.bench.run import (
-    PRESETS,
-    BenchOptions,
-    Decoder,
-    Subject,
-    check_options,
-    preset_configs,
-)
+from calm_cli.bench.run import PRESETS, BenchOptions, check_options, preset_configs
 from calm_cli.errors import UsageError
 from calm_cli.io.checkpoint import save_baseline
 from calm_cli.io.tokenizer import load_tokenizer
 from calm_cli.models.baseline import TokenTransformer
 from calm_cli.models.calm import CALM
 from calm_cli.models.config import CALMConfig
-from calm_cli.runtime.engine import GenerationSettings
-from calm_cli.runtime.token_engine import TokenEngine
+from calm_cli.runtime.engine import Engine
+from calm_cli.runtime.settings import GenerationSettings
 
 NUMBERS = (
     "prefill_tok_s", "decode_tok_s", "vector_steps_s", "ttft_ms", "step_ms_p50", "step_ms_p95", "peak_mem_mb", "bandwidth_gbs"
@@ -77,14 +70,13 @@ def _tiny_baseline(eos: int | None = None) -> TokenTransformer:
 
 def test_token_engine_greedy_equals_full_forward_argmax():
     model = _tiny_baseline()
-    prompts = [[5, 9, 33, 7, 100, 21], [40, 2, 17]]  # different lengths: the second is left-padded
-    steps = list(TokenEngine(model).stream(prompts, GenerationSettings(max_tokens=12, temperature=0.0, seed=1)))
-    assert len(steps) == 12
+    prompts = [[5, 9, 33, 7, 100, 21], [40, 2, 17]]  # different lengths share a step
+    outputs = decode_all(Engine(model, max_batch=2), prompts, GenerationSettings(max_tokens=12, temperature=0.0, seed=1))
     with torch.inference_mode():
-        for row, prompt in enumerate(prompts):
+        for prompt, tokens in zip(prompts, outputs):
+            assert len(tokens) == 12
             seq = list(prompt)
-            for step in steps:
-                (token,) = step.tokens[row]
+            for token in tokens:
                 assert model(torch.tensor([seq]))[0, -1].argmax().item() == token
                 seq.append(token)
 
@@ -101,20 +93,6 @@ def test_generate_with_a_baseline_directory(tmp_path, fixtures):
     assert report["completion_tokens"] == 6 and report["steps"] == 6 and report["finish_reason"] == "length"
 
 
-def _decode_tokens(decoder: Decoder, ids: torch.Tensor, steps: int, temperature: float) -> list:
-    generator = torch.Generator().manual_seed(123)
-    cache = decoder.model.new_cache(ids.shape[0], ids.shape[1] // decoder.k + steps)
-    cache.valid[:, : ids.shape[1] // decoder.k] = True
-    with torch.inference_mode():
-        tokens = decoder.sample(decoder.forward(ids, cache, 0), temperature, generator)
-        out = [tokens.tolist()]
-        for slot in range(ids.shape[1] // decoder.k, ids.shape[1] // decoder.k + steps - 1):
-            cache.valid[:, slot] = True
-            tokens = decoder.sample(decoder.forward(tokens, cache, slot), temperature, generator)
-            out.append(tokens.tolist())
-    return out
-
-
 @pytest.mark.skipif(
     not torch.cuda.is_available() and not os.environ.get("CALM_TEST_COMPILE"),
     reason="compiling the tiny model takes minutes on 2 CPU cores (inductor builds C++); "
@@ -125,10 +103,9 @@ def test_compiled_decode_gives_the_eager_tokens():
     torch.manual_seed(0)
     with device:
         model = CALM(*preset_configs(PRESETS["tiny"], 4)).eval().requires_grad_(False)
-    subject = Subject("calm", 4, model, 0.0)
-    ids = torch.randint(0, model.config.vocab_size, (2, 16), device=device)
+    prompts = torch.randint(0, model.config.vocab_size, (2, 16)).tolist()
     for temperature in (1.0, 0.5):
-        options = BenchOptions(num_samples=32)
-        eager = _decode_tokens(Decoder(subject, options), ids, 6, temperature)
-        compiled = _decode_tokens(Decoder(subject, BenchOptions(num_samples=32, compile=True)), ids, 6, temperature)
+        settings = GenerationSettings(max_tokens=24, temperature=temperature, num_samples=32, seed=3)
+        eager = decode_all(Engine(model, max_batch=2), prompts, settings)
+        compiled = decode_all(Engine(model, max_batch=2, compile=True), prompts, settings)
         assert compiled == eager

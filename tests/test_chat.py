@@ -188,7 +188,7 @@ def test_history_path_follows_xdg(monkeypatch, tmp_path):
 
 
 def test_template_renders_the_conversation_and_its_stop_string():
-    from calm_cli.cli.chat import Conversation, Template, Turn
+    from calm_cli.runtime.chat import Conversation, Template, Turn
 
     template = Template.parse("User: {message}\\nAssistant:")
     assert template.stop == "\nUser:"

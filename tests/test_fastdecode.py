@@ -12,13 +12,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import run_calm
+from helpers import decode_all, run_calm
 
 from calm_cli.errors import UsageError
 from calm_cli.models.autoencoder import Autoencoder
 from calm_cli.models.config import AutoencoderConfig
 from calm_cli.runtime import fastdecode
-from calm_cli.runtime.engine import Engine, GenerationSettings
+from calm_cli.runtime.engine import Engine
 from calm_cli.runtime.fastdecode import (
     BF16_UNIT,
     DEFAULT_TILE,
@@ -28,6 +28,7 @@ from calm_cli.runtime.fastdecode import (
     _accumulates_in_float32,
     score_error,
 )
+from calm_cli.runtime.settings import GenerationSettings
 
 MIN_WORK = fastdecode.MIN_WORK
 
@@ -176,11 +177,8 @@ def test_small_calls_decode_densely(monkeypatch) -> None:
 def test_engine_generates_the_same_with_either_decoder(tiny_model, sampler: str, temperature: float) -> None:
     prompts = [[0, 5, 9, 11, 20, 3, 7, 8], [0, 40, 41, 42, 43, 44, 45, 46], [0, 100, 101, 102]]
     settings = GenerationSettings(max_tokens=24, temperature=temperature, sampler=sampler, num_samples=64, seed=4)
-    outputs = {}
-    for decoder in ("dense", "fast"):
-        steps = Engine(tiny_model, candidate_decoder=decoder).stream(prompts, settings)
-        outputs[decoder] = [step.tokens for step in steps]
-    assert outputs["dense"] == outputs["fast"]
+    outputs = {decoder: decode_all(Engine(tiny_model, candidate_decoder=decoder), prompts, settings) for decoder in ("dense", "fast")}
+    assert outputs["dense"] == outputs["fast"] and all(len(tokens) == 24 for tokens in outputs["fast"])
 
 
 def test_unknown_candidate_decoder_is_a_usage_error(tiny_model) -> None:

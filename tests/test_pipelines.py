@@ -36,20 +36,24 @@ def test_file_and_system_prompt(tmp_path):
     assert r.stdout.startswith("You are terse.\nFrom the file.\nQuestion:") and "ignored" not in r.stdout
 
 
-def test_jsonl_keeps_order_reports_bad_lines_and_batches(tmp_path):
+def test_jsonl_keeps_order_and_ids_and_exits_1_for_bad_lines(tmp_path):
     lines = [
         json.dumps({"prompt": "The first", "max_tokens": 8, "seed": 4, "id": "a"}),
         '{"prompt": "broken',
         json.dumps({"prompt": "The third", "max_tokens": 8, "seed": 4}),
+        json.dumps({"prompt": 5, "id": "bad"}),
     ]
     r = run_calm("generate", "--jsonl", "-m", MODEL, "--temp", "1", input="\n".join(lines) + "\n")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr
     out = [json.loads(line) for line in r.stdout.splitlines()]
-    assert len(out) == 3
-    assert out[1]["line"] == 2 and "invalid JSON" in out[1]["error"] and "text" not in out[1]
-    assert [o["line"] for o in out] == [1, 2, 3] and out[0]["id"] == "a"
+    assert [o["line"] for o in out] == [1, 2, 3, 4] and out[0]["id"] == "a"
+    assert "invalid JSON" in out[1]["error"] and "text" not in out[1] and "id" not in out[1]
+    assert out[3]["id"] == "bad" and "prompt" in out[3]["error"]
     for o in (out[0], out[2]):
-        assert o["completion_tokens"] == 8 and o["finish_reason"] == "length" and o["text"] and o["batch_size"] == 2
+        assert o["completion_tokens"] == 8 and o["finish_reason"] == "length" and o["text"]
+    # The same seed and prompt give the same text, alone or beside other requests.
+    alone = run_calm("generate", "--jsonl", "-m", MODEL, "--temp", "1", input=lines[0] + "\n")
+    assert alone.returncode == 0 and json.loads(alone.stdout)["text"] == out[0]["text"]
 
 
 def test_jsonl_per_line_settings_and_validation(tmp_path):
@@ -65,7 +69,7 @@ def test_jsonl_per_line_settings_and_validation(tmp_path):
         json.dumps({"prompt": "Default settings"}),
     ]) + "\n")
     r = run_calm("generate", "--jsonl", "-f", str(requests), "-m", MODEL, "--temp", "1", "-n", "8", "--seed", "3")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr
     out = [json.loads(line) for line in r.stdout.splitlines()]
     assert [o["line"] for o in out] == [1, 2, 3, 4, 5, 7, 8]
     assert [o.get("completion_tokens") for o in out] == [12, 4, None, None, None, None, 8]

@@ -16,7 +16,7 @@ import difflib
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -27,6 +27,7 @@ from ..errors import CalmError, UsageError
 from ..io.atomic import write_text_atomic
 from ..io.tokenizer import encode
 from ..models.calm import CALM
+from ..runtime.chat import DEFAULT_TEMPLATE, Conversation, Template, Turn
 from ..runtime.engine import Engine
 from ..runtime.settings import GenerationSettings, check_settings
 from ..runtime.text import GenerationStats, stream_text
@@ -41,8 +42,6 @@ from .common import (
     load_for_cli,
 )
 
-DEFAULT_TEMPLATE = "User: {message}\nAssistant:"
-SLOT = "{message}"
 PROMPT = ">>> "
 CONTINUATION = "... "
 BLOCK = '"""'
@@ -51,75 +50,6 @@ BLOCK = '"""'
 _CONTROL = {c: None for c in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F]}
 # Everything str.splitlines() breaks on: turned into spaces (before _CONTROL) so a piped reply stays on one line.
 _LINE_BREAKS = {ord(c): " " for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
-
-
-@dataclass(frozen=True)
-class Template:
-    """A turn as text around the user's message; the reply follows the text after the message."""
-
-    head: str
-    tail: str
-
-    @classmethod
-    def parse(cls, text: str) -> Template:
-        """Accept `\\n` typed on a command line as a newline, and require exactly one {message}."""
-        text = text.replace("\\n", "\n")
-        if text.count(SLOT) != 1:
-            raise UsageError("--template must contain {message} exactly once, e.g. 'User: {message}\\nAssistant:'")
-        head, tail = text.split(SLOT)
-        return cls(head.lstrip("\n"), tail)
-
-    @property
-    def text(self) -> str:
-        return self.head + SLOT + self.tail
-
-    @property
-    def stop(self) -> str | None:
-        """The start of the next turn: where the model has finished answering."""
-        marker = self.head.strip()
-        return "\n" + marker if marker else None
-
-    def ask(self, message: str) -> str:
-        return self.head + message + self.tail
-
-    def answered(self, message: str, reply: str) -> str:
-        joint = "" if self.tail[-1:].isspace() else " "
-        return self.ask(message) + joint + reply + "\n"
-
-
-@dataclass
-class Turn:
-    user: str
-    assistant: str
-
-
-@dataclass
-class Conversation:
-    """The turns so far; `first` is the oldest one still sent to the model (earlier ones fell out of the window)."""
-
-    template: Template
-    system: str = ""
-    turns: list[Turn] = field(default_factory=list)
-    first: int = 0
-
-    def prompt(self, message: str, first: int | None = None) -> str:
-        """The text the model continues: system text, the turns from `first` (default: all still in the window), the message."""
-        top = self.system.strip() + "\n" if self.system.strip() else ""
-        kept = self.turns[self.first if first is None else first :]
-        past = "".join(self.template.answered(t.user, t.assistant) for t in kept)
-        return top + past + self.template.ask(message)
-
-    def fit(self, message: str, count: Callable[[str], int], budget: int) -> int:
-        """Drop the oldest turns until the prompt is at most `budget` tokens; return how many were dropped."""
-        dropped = 0
-        while self.first < len(self.turns) and count(self.prompt(message)) > budget:
-            self.first += 1
-            dropped += 1
-        return dropped
-
-    def reset(self) -> None:
-        self.turns.clear()
-        self.first = 0
 
 
 class Display:

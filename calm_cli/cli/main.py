@@ -19,6 +19,7 @@ from .data import data_app, tokenizer_app
 from .eval import eval_
 from .generate import generate
 from .model import convert, decode, encode, info
+from .serve import serve
 from .train import train_app
 
 app = typer.Typer(
@@ -34,7 +35,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on 
     STATE["debug"] = debug
 
 
-for command in (generate, chat, encode, decode, info, convert, bench):
+for command in (generate, chat, serve, encode, decode, info, convert, bench):
     app.command()(command)
 app.command("eval")(eval_)
 app.add_typer(data_app, name="data")

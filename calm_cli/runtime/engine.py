@@ -158,6 +158,13 @@ class Engine:
         if request.cancel_reason is None:
             request.cancel_reason = reason
 
+    def cancel_all(self, reason: str = "cancelled") -> None:
+        """Cancel every request, running or waiting (a server shutting down, a failed step)."""
+        with self._lock:
+            waiting = list(self._waiting)
+        for request in [*waiting, *(r for r in self.slots if r is not None)]:
+            self.cancel(request, reason)
+
     @property
     def queued(self) -> int:
         return len(self._waiting)

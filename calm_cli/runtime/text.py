@@ -2,8 +2,8 @@
 
 `TextStream` turns one request's growing token list into text deltas in time linear in
 the output: it decodes only a short window (the last few tokens already shown plus the new
-ones), holds back an incomplete UTF-8 character (the tokenizer shows it as U+FFFD until
-its last byte arrives) and any tail that could be the start of a stop string.
+ones), holds back the tokens of an incomplete UTF-8 character (the tokenizer shows it as
+U+FFFD until its last byte arrives) and any text that could be the start of a stop string.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .settings import GenerationSettings
 
 REPLACEMENT = "\ufffd"
 CONTEXT_TOKENS = 4  # tokens already shown that are decoded again with new ones, for spacing rules
-MAX_SPLIT_TOKENS = 8  # a character split over more tokens than this is invalid bytes: show it as U+FFFD
+MAX_SPLIT_TOKENS = 4  # a UTF-8 character has at most 4 bytes, so it is split over at most 4 tokens
 
 
 @dataclass
@@ -61,14 +61,27 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.extend(new)
-        before = self.tokenizer.decode(self.ids[self.start : self.shown], skip_special_tokens=True)
-        after = self.tokenizer.decode(self.ids[self.start :], skip_special_tokens=True)
-        if after.endswith(REPLACEMENT) and not final and len(self.ids) - self.shown < MAX_SPLIT_TOKENS:
-            return self._release(final=False)  # wait for the rest of a split character
-        self.pending += after[len(before) :]
-        self.shown = len(self.ids)
-        self.start = max(self.start, self.shown - CONTEXT_TOKENS)
+        end = len(self.ids) if final else self._whole_end()
+        if end > self.shown:
+            before = self._decode(self.shown)
+            self.pending += self._decode(end)[len(before) :]
+            self.shown = end
+            self.start = max(self.start, end - CONTEXT_TOKENS)
         return self._release(final)
+
+    def _decode(self, end: int) -> str:
+        return self.tokenizer.decode(self.ids[self.start : end], skip_special_tokens=True)
+
+    def _whole_end(self) -> int:
+        """The most ids whose text ends with a whole character: a split one waits for its last bytes.
+
+        A character has at most 4 bytes, so if none of the last MAX_SPLIT_TOKENS ends cleanly
+        the text holds invalid bytes, and they are shown as U+FFFD.
+        """
+        for end in range(len(self.ids), max(self.shown, len(self.ids) - MAX_SPLIT_TOKENS) - 1, -1):
+            if end == self.shown or not self._decode(end).endswith(REPLACEMENT):
+                return end
+        return len(self.ids)
 
     def _release(self, final: bool) -> str:
         cuts = [self.pending.find(s) for s in self.stop if s in self.pending]

@@ -1,0 +1,104 @@
+"""`calm serve`: the OpenAI-compatible server on uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import CalmError, UsageError
+from .common import (
+    CandidateDecoderOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    SamplerOpt,
+    SamplesOpt,
+    TempOpt,
+    default_model_path,
+    err,
+    load_for_cli,
+)
+
+
+def serve(
+    model: Optional[Path] = ModelOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Requests decoded at once (default 8 on CPU, 64 on CUDA)."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests allowed to wait for a slot; more get HTTP 429."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="CALM_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (or set CALM_API_KEY).",
+    ),
+    name: Optional[str] = typer.Option(None, "--name", help="Model id clients send as 'model' (default: the model folder's name)."),
+    temp: float = TempOpt,
+    samples: int = SamplesOpt,
+    sampler: str = SamplerOpt,
+    candidate_decoder: str = CandidateDecoderOpt,
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Reply length when a chat request gives no max_tokens."),
+    template: Optional[str] = typer.Option(None, "--template", help="Chat turn template, as for `calm chat` (default 'User: {message}\\nAssistant:')."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the decode step (default: on for CUDA)."),
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics).
+
+    Stop with Ctrl-C or SIGTERM: requests in flight end at once with what they have.
+    """
+    import uvicorn
+
+    from ..runtime.chat import DEFAULT_TEMPLATE, Template
+    from ..runtime.engine import Engine
+    from ..runtime.runners import check_candidate_decoder
+    from ..runtime.settings import GenerationSettings, check_settings
+    from ..serve.app import ServeConfig, create_app
+    from ..serve.worker import EngineWorker
+
+    if not 0 < port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {port}")
+    if max_queue < 0:
+        raise UsageError("--max-queue must be at least 0")
+    if max_batch is not None and max_batch < 1:
+        raise UsageError("--max-batch must be at least 1")
+    defaults = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler)
+    check_settings(defaults)
+    check_candidate_decoder(candidate_decoder)
+    Template.parse(template or DEFAULT_TEMPLATE)
+    path = model or default_model_path()
+    loaded = load_for_cli(path, device, dtype)
+    if loaded.tokenizer is None:
+        raise CalmError("the model has no tokenizer.json: the server needs one")
+    use_compile = compile if compile is not None else loaded.transformer.embed_tokens.weight.is_cuda
+    engine = Engine(loaded, max_batch=max_batch, candidate_decoder=candidate_decoder, compile=use_compile)
+    worker = EngineWorker(engine)
+    config = ServeConfig(
+        model_name=name or Path(os.path.abspath(path)).name, defaults=defaults, max_queue=max_queue, api_key=api_key,
+        template=template or DEFAULT_TEMPLATE,
+    )
+    app = create_app(worker, loaded.tokenizer, config)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    class Server(uvicorn.Server):
+        """On SIGINT or SIGTERM, first end the requests in flight, so their streams close at once."""
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            worker.cancel_all()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+    err.print(f"calm serve: '{config.model_name}' (K={engine.k}, {engine.max_batch} slots) on http://{host}:{port}/v1")
+    # uvicorn raises the stop signal again once it has shut down; it lands here, so the exit code is 0.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        raise CalmError(f"could not listen on {host}:{port}")
+

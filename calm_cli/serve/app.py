@@ -1,0 +1,430 @@
+"""`calm serve`: an OpenAI-compatible HTTP API over the engine.
+
+Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
+(the conversation template of `calm chat`), GET /metrics (Prometheus text). Streaming is
+server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. Errors use
+OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+
+What CALM changes: `temperature` is in [0, 1] (CALM samples T = 1/n by rejection from a
+sampler with no likelihoods, so it cannot flatten beyond T = 1); `logprobs` are refused
+for the same reason; `samples` and `sampler` are CALM's own extras. With `n` > 1 and a
+`seed`, choice i uses seed + i, so choices differ and each is reproducible on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette.sse import EventSourceResponse
+from tokenizers import Tokenizer
+
+from ..errors import UsageError
+from ..io.tokenizer import encode
+from ..runtime.chat import DEFAULT_TEMPLATE, Conversation, Template, Turn
+from ..runtime.engine import Request as EngineRequest
+from ..runtime.engine import Update
+from ..runtime.rng import MAX_SEED
+from ..runtime.settings import GenerationSettings
+from ..runtime.text import TextStream
+from .worker import EngineWorker
+
+log = logging.getLogger("calm.serve")
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}
+MAX_CHOICES = 16
+MAX_STOPS = 4
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool = False
+
+
+class Options(BaseModel):
+    """Fields both endpoints take. Strict: a string where a number belongs is a 400, not a guess."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool | int | None = None
+    samples: int | None = Field(None, ge=1, le=4096)
+    sampler: Literal["approx", "exact"] | None = None
+
+
+class CompletionBody(Options):
+    prompt: str | list[str]
+    echo: bool = False
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatBody(Options):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+@dataclass
+class ServeConfig:
+    model_name: str
+    defaults: GenerationSettings
+    max_queue: int = 64
+    api_key: str | None = None
+    template: str = DEFAULT_TEMPLATE
+    completion_max_tokens: int = 16  # OpenAI's default for /v1/completions
+
+
+class Metrics:
+    """Prometheus counters of one app (its own registry, so several apps can live in one process)."""
+
+    def __init__(self, worker: EngineWorker) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("calm_requests", "Finished requests (choices)", ["endpoint", "finish_reason"], registry=r)
+        self.prompt_tokens = Counter("calm_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.completion_tokens = Counter("calm_completion_tokens", "Tokens generated", registry=r)
+        self.errors = Counter("calm_request_errors", "Requests refused, by HTTP status", ["status"], registry=r)
+        self.step_seconds = Histogram(
+            "calm_step_seconds", "Duration of one decode step", registry=r,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+        )
+        self.request_seconds = Histogram("calm_request_seconds", "Time from arrival to the last token", registry=r)
+        queue = Gauge("calm_queue_depth", "Requests waiting for a slot", registry=r)
+        queue.set_function(lambda: worker.engine.queued)
+        active = Gauge("calm_active_requests", "Requests holding a slot", registry=r)
+        active.set_function(lambda: worker.engine.active)
+        slots = Gauge("calm_slots", "Slots of the engine (--max-batch)", registry=r)
+        slots.set(worker.engine.max_batch)
+
+
+@dataclass
+class Choice:
+    """One choice of a response: its engine request, its text so far and how it ended."""
+
+    request: EngineRequest
+    stream: TextStream
+    text: str = ""
+    finish_reason: str | None = None
+
+
+def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
+    """The FastAPI app over a started-or-not worker; the app starts and stops it with its lifespan."""
+    metrics = Metrics(worker)
+    worker.on_step = metrics.step_seconds.observe
+    engine = worker.engine
+    template = Template.parse(config.template)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        yield
+        await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(title="calm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        metrics.errors.labels(str(exc.status)).inc()
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        if first.get("type") == "json_invalid":
+            error = ApiError(400, "the request body is not valid JSON", code="invalid_json")
+        else:
+            param = where[0] if where else None
+            field = ".".join(where) or "body"
+            error = ApiError(400, f"{field}: {first.get('msg', 'invalid value')}", param=param, code="invalid_value")
+        metrics.errors.labels("400").inc()
+        return error.response()
+
+    def check_key(request: Request) -> None:
+        """A dependency, so a wrong key is refused before the body is read."""
+        if config.api_key is None:
+            return
+        if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
+            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", "authentication_error",
+                           code="invalid_api_key")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": config.model_name, "slots": engine.max_batch, "active": engine.active,
+                "queued": engine.queued}
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": config.model_name, "object": "model", "created": created, "owned_by": "calm",
+             "patch_size": engine.k, "context_tokens": engine.context * engine.k},
+        ]}
+
+    @app.get("/metrics")
+    async def metrics_text() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def settings_for(body: Options, max_tokens: int | None) -> list[GenerationSettings]:
+        if body.model != config.model_name:
+            raise ApiError(404, f"model '{body.model}' does not exist; this server has '{config.model_name}'",
+                           param="model", code="model_not_found")
+        if body.temperature is not None and body.temperature > 1.0:
+            raise ApiError(400, f"temperature must be in [0, 1], got {body.temperature}: CALM samples at T = 1/n by "
+                           "rejection from a model without likelihoods, so it cannot go above T = 1", param="temperature",
+                           code="invalid_value")
+        if body.logprobs not in (None, False, 0):
+            raise ApiError(400, "logprobs are not available: CALM has no token likelihoods", param="logprobs",
+                           code="unsupported")
+        base = replace(
+            config.defaults,
+            max_tokens=max_tokens or config.defaults.max_tokens,
+            temperature=config.defaults.temperature if body.temperature is None else float(body.temperature),
+            num_samples=body.samples or config.defaults.num_samples,
+            sampler=body.sampler or config.defaults.sampler,
+            seed=body.seed,
+        )
+        return [base if body.seed is None else replace(base, seed=(body.seed + i) % (MAX_SEED + 1)) for i in range(body.n)]
+
+    def stops_of(body: Options) -> list[str]:
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > MAX_STOPS:
+            raise ApiError(400, f"stop takes at most {MAX_STOPS} strings", param="stop", code="invalid_value")
+        return stops
+
+    async def run(
+        http: Request, endpoint: str, prompts: list[list[int]], settings: list[GenerationSettings], stops: list[str]
+    ) -> tuple[list[Choice], asyncio.Queue[Update]]:
+        """Submit one engine request per prompt and choice; updates arrive on the returned queue."""
+        count = len(prompts) * len(settings)
+        if engine.active + engine.queued + count > engine.max_batch + config.max_queue:
+            raise ApiError(429, f"the server is busy: {engine.active} requests decoding and {engine.queued} waiting "
+                           f"(--max-batch {engine.max_batch}, --max-queue {config.max_queue})", "rate_limit_error",
+                           code="queue_full")
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[Update] = asyncio.Queue()
+
+        def deliver(update: Update) -> None:
+            loop.call_soon_threadsafe(updates.put_nowait, update)
+
+        choices = []
+        try:
+            for prompt in prompts:
+                for s in settings:
+                    request = worker.submit(prompt, s, deliver)
+                    choices.append(Choice(request, TextStream(tokenizer, stops)))
+        except UsageError as exc:
+            for choice in choices:
+                worker.cancel(choice.request)
+            raise ApiError(400, str(exc), param="prompt" if endpoint == "completions" else "messages",
+                           code="context_length_exceeded") from None
+        return choices, updates
+
+    def advance(choices: list[Choice], update: Update, chat: bool) -> tuple[int, str] | None:
+        """Apply one update: (choice index, new text) when there is text or an end to report."""
+        index = next((i for i, c in enumerate(choices) if c.request is update.request), None)
+        if index is None or choices[index].finish_reason is not None:
+            return None
+        choice = choices[index]
+        final = update.finish_reason is not None
+        text = choice.stream.feed(update.tokens, final=final)
+        if choice.stream.stopped:
+            worker.cancel(choice.request, "stop")
+            choice.finish_reason = "stop"
+        elif final:
+            choice.finish_reason = FINISH.get(update.finish_reason, update.finish_reason)
+        if chat and not choice.text:
+            text = text.lstrip()  # the reply follows "Assistant:"; its leading space or newline is not content
+        choice.text += text
+        return (index, text) if text or choice.finish_reason else None
+
+    def usage(prompts: list[list[int]], choices: list[Choice]) -> dict[str, int]:
+        prompt_tokens = sum(len(p) for p in prompts)
+        completion = sum(len(c.request.tokens) for c in choices)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+    def finished(endpoint: str, rid: str, started: float, prompts: list[list[int]], choices: list[Choice]) -> None:
+        for choice in choices:
+            metrics.requests.labels(endpoint, choice.finish_reason or "abort").inc()
+            metrics.completion_tokens.inc(len(choice.request.tokens))
+        metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+        seconds = time.perf_counter() - started
+        metrics.request_seconds.observe(seconds)
+        log.info("%s %s prompt=%d completion=%d time=%.2fs finish=%s", rid, endpoint, sum(len(p) for p in prompts),
+                 sum(len(c.request.tokens) for c in choices), seconds, ",".join(c.finish_reason or "abort" for c in choices))
+
+    async def collect(http: Request, choices: list[Choice], updates: asyncio.Queue[Update], chat: bool) -> bool:
+        """Wait for every choice to finish; False (and the requests cancelled) if the client went away."""
+        try:
+            while any(c.finish_reason is None for c in choices):
+                try:
+                    update = await asyncio.wait_for(updates.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return False
+                    continue
+                advance(choices, update, chat)
+            return True
+        finally:
+            for choice in choices:
+                if choice.finish_reason is None:
+                    worker.cancel(choice.request, "cancelled")
+
+    def stream_response(
+        endpoint: str, rid: str, started: float, prompts: list[list[int]], choices: list[Choice],
+        updates: asyncio.Queue[Update], include_usage: bool, chunk: Callable[[int, str | None, str | None], dict],
+        opening: list[dict],
+    ) -> EventSourceResponse:
+        async def events() -> AsyncIterator[dict[str, str]]:
+            try:
+                for event in opening:
+                    yield {"data": json.dumps(event)}
+                while any(c.finish_reason is None for c in choices):
+                    step = advance(choices, await updates.get(), endpoint == "chat")
+                    if step is not None:
+                        index, text = step
+                        yield {"data": json.dumps(chunk(index, text, choices[index].finish_reason))}
+                if include_usage:
+                    yield {"data": json.dumps({**chunk(0, None, None), "choices": [], "usage": usage(prompts, choices)})}
+                yield {"data": "[DONE]"}
+                finished(endpoint, rid, started, prompts, choices)
+            finally:
+                for choice in choices:
+                    if choice.finish_reason is None:
+                        worker.cancel(choice.request, "cancelled")
+
+        return EventSourceResponse(events(), ping=15)
+
+    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    async def completions(body: CompletionBody, http: Request) -> Any:
+        started = time.perf_counter()
+        settings = settings_for(body, body.max_tokens or config.completion_max_tokens)
+        stops = stops_of(body)
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not texts:
+            raise ApiError(400, "prompt must not be empty", param="prompt", code="invalid_value")
+        prompts = [encode(tokenizer, text) for text in texts]
+        choices, updates = await run(http, "completions", prompts, settings, stops)
+        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+        head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": config.model_name}
+        echo = [texts[i // len(settings)] if body.echo else "" for i in range(len(choices))]
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+
+            def chunk(index: int, text: str | None, finish: str | None) -> dict:
+                return {**head, "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}],
+                        **({"usage": None} if include else {})}
+
+            opening = [chunk(i, echo[i], None) for i in range(len(choices)) if echo[i]]
+            return stream_response("completions", rid, started, prompts, choices, updates, include, chunk, opening)
+        if not await collect(http, choices, updates, chat=False):
+            return Response(status_code=499)
+        finished("completions", rid, started, prompts, choices)
+        return {**head, "choices": [
+            {"index": i, "text": echo[i] + c.text, "finish_reason": c.finish_reason, "logprobs": None}
+            for i, c in enumerate(choices)
+        ], "usage": usage(prompts, choices)}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat_completions(body: ChatBody, http: Request) -> Any:
+        started = time.perf_counter()
+        settings = settings_for(body, body.max_completion_tokens or body.max_tokens)
+        stops = stops_of(body)
+        if template.stop:
+            stops.append(template.stop)
+        prompts = [encode(tokenizer, conversation_prompt(template, body.messages))]
+        choices, updates = await run(http, "chat", prompts, settings, stops)
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": config.model_name}
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+
+            def chunk(index: int, text: str | None, finish: str | None) -> dict:
+                delta = {} if text is None or (finish and not text) else {"content": text}
+                return {**head, "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                        **({"usage": None} if include else {})}
+
+            opening = [
+                {**chunk(i, None, None), "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                       "finish_reason": None, "logprobs": None}]}
+                for i in range(len(choices))
+            ]
+            return stream_response("chat", rid, started, prompts, choices, updates, include, chunk, opening)
+        if not await collect(http, choices, updates, chat=True):
+            return Response(status_code=499)
+        finished("chat", rid, started, prompts, choices)
+        return {**head, "object": "chat.completion", "choices": [
+            {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
+             "logprobs": None}
+            for i, c in enumerate(choices)
+        ], "usage": usage(prompts, choices)}
+
+    return app
+
+
+def conversation_prompt(template: Template, messages: list[Message]) -> str:
+    """The text `calm chat` would send for these messages: system text, past turns, the last user message."""
+    if messages[-1].role != "user":
+        raise ApiError(400, "the last message must have role 'user'", param="messages", code="invalid_value")
+    system = "\n".join(m.text for m in messages if m.role in ("system", "developer"))
+    turns: list[Turn] = []
+    pending: list[str] = []
+    for message in messages[:-1]:
+        if message.role == "user":
+            pending.append(message.text)
+        elif message.role == "assistant":
+            turns.append(Turn("\n".join(pending), message.text))
+            pending = []
+    question = "\n".join([*pending, messages[-1].text])
+    return Conversation(template, system, turns).prompt(question)

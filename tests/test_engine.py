@@ -1,0 +1,215 @@
+"""The engine: a request's tokens depend only on its prompt, settings and seed; slots, budgets and finish reasons."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from helpers import decode_all
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from calm_cli.errors import UsageError
+from calm_cli.models.baseline import TokenTransformer
+from calm_cli.models.calm import CALM
+from calm_cli.models.config import AutoencoderConfig, CALMConfig
+from calm_cli.runtime import runners
+from calm_cli.runtime.engine import Engine
+from calm_cli.runtime.rng import GOLDEN, RowRandom, mix64
+from calm_cli.runtime.settings import GenerationSettings
+
+MASK = (1 << 64) - 1
+
+
+def _reference_mix(z: int) -> int:
+    """splitmix64's finaliser on Python ints, to check the int64 tensor version bit for bit."""
+    z &= MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    return z ^ (z >> 31)
+
+
+def test_mix64_matches_splitmix64_bit_for_bit() -> None:
+    values = [0, 1, 2**63 - 1, 12345678901234, 2**40 + 7]
+    got = mix64(torch.tensor(values, dtype=torch.long)).tolist()
+    assert [g & MASK for g in got] == [_reference_mix(v) for v in values]
+    assert GOLDEN & MASK == 0x9E3779B97F4A7C15
+
+
+def test_row_streams_do_not_depend_on_other_rows() -> None:
+    together = RowRandom.from_seeds([7, 8, 9])
+    alone = RowRandom.from_seeds([8])
+    first = together.uniform((3, 5))
+    assert torch.equal(first[1], alone.uniform((1, 5))[0])
+    # A view on row 2 advances only row 2: row 1 then matches a stream that skipped nothing.
+    together.rows(torch.tensor([2])).uniform((1, 4))
+    assert torch.equal(together.rows(torch.tensor([1])).uniform((1, 6))[0], alone.uniform((1, 6))[0])
+    u = RowRandom.from_seeds(list(range(50))).uniform((50, 2000))
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.005
+
+
+def _calm(k: int, seed: int = 0, eos: int | None = 1, pad: int | None = 2, context: int = 64, vocab: int = 96) -> CALM:
+    torch.manual_seed(seed)
+    config = CALMConfig(
+        vocab_size=vocab, patch_size=k, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, latent_size=8, noise_size=8, num_mlp_layers=1, max_position_embeddings=context,
+        eos_token_id=eos, pad_token_id=pad,
+    )
+    ae = AutoencoderConfig(vocab_size=vocab, patch_size=k, hidden_size=32, intermediate_size=64, latent_size=8,
+                           eos_token_id=eos, pad_token_id=pad)
+    return CALM(config, ae).eval().requires_grad_(False)
+
+
+def _token_model(seed: int = 0) -> TokenTransformer:
+    torch.manual_seed(seed)
+    config = CALMConfig(vocab_size=96, patch_size=1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, eos_token_id=None, pad_token_id=2,
+                        max_position_embeddings=64)
+    return TokenTransformer(config).eval().requires_grad_(False)
+
+
+def _prompts(count: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 96) for _ in range(rng.randrange(1, 20))] for _ in range(count)]
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize(("temperature", "sampler"), [(1.0, "approx"), (0.5, "approx"), (0.5, "exact"), (0.0, "approx")])
+def test_calm_row_is_the_same_alone_and_batched(k: int, temperature: float, sampler: str) -> None:
+    model = _calm(k, eos=None)  # no EOS: every row runs its full budget, so rows join and leave at different steps
+    prompts = _prompts(6, seed=k)  # lengths 1..19: with and without leftover tokens
+    assert any(len(p) % k for p in prompts) and any(len(p) % k == 0 or len(p) < k for p in prompts)
+    settings = [GenerationSettings(max_tokens=4 + 2 * i, temperature=temperature, sampler=sampler, num_samples=24, seed=40 + i)
+                for i in range(len(prompts))]
+    batched = decode_all(Engine(model, max_batch=4), prompts, settings)
+    for prompt, s, tokens in zip(prompts, settings, batched):
+        assert decode_all(Engine(model, max_batch=1), [prompt], s) == [tokens]
+        assert len(tokens) == s.max_tokens
+
+
+def test_rows_with_different_settings_share_a_step_and_keep_their_own_output() -> None:
+    model = _calm(2, eos=None)
+    prompt = [5, 6, 7, 8]
+    mixed = [GenerationSettings(max_tokens=10, temperature=t, sampler=m, num_samples=16, seed=3)
+             for t, m in [(1.0, "approx"), (0.5, "exact"), (0.25, "approx"), (0.0, "approx")]]
+    together = decode_all(Engine(model, max_batch=4), [prompt] * 4, mixed)
+    for s, tokens in zip(mixed, together):
+        assert decode_all(Engine(model, max_batch=1), [prompt], s) == [tokens]
+
+
+def test_token_model_row_is_the_same_alone_and_batched() -> None:
+    model = _token_model()
+    prompts = _prompts(5, seed=1)
+    settings = [GenerationSettings(max_tokens=5 + i, temperature=[1.0, 0.7, 0.0][i % 3], seed=i) for i in range(5)]
+    batched = decode_all(Engine(model, max_batch=3), prompts, settings)
+    for prompt, s, tokens in zip(prompts, settings, batched):
+        assert decode_all(Engine(model, max_batch=1), [prompt], s) == [tokens]
+
+
+def test_seed_decides_the_output() -> None:
+    model = _calm(2, eos=None)
+    settings = GenerationSettings(max_tokens=12, temperature=1.0, seed=5)
+    a = decode_all(Engine(model, max_batch=2), [[4, 5, 6, 7]], settings)
+    b = decode_all(Engine(model, max_batch=2), [[4, 5, 6, 7]], settings)
+    c = decode_all(Engine(model, max_batch=2), [[4, 5, 6, 7]], GenerationSettings(max_tokens=12, temperature=1.0, seed=6))
+    assert a == b and a != c
+
+
+def test_leftover_tokens_start_the_first_chunk() -> None:
+    model = _calm(4, eos=None)
+    engine = Engine(model, max_batch=2)
+    request = engine.submit([10, 11, 12, 13, 14, 15], GenerationSettings(max_tokens=8, temperature=1.0, seed=1))
+    chunks = []
+    original = engine.runner.step
+
+    def spy(cache, ids, lengths, span):
+        chunks.append(ids[0].tolist())
+        return original(cache, ids, lengths, span)
+
+    engine._step = spy
+    for _ in engine.run():
+        pass
+    assert chunks[0][:2] == [14, 15]  # the leftover tokens open the chunk that is fed back
+    assert request.tokens[:2] == chunks[0][2:] and len(request.tokens) == 8
+
+
+def test_budgets_finish_reasons_and_slot_reuse() -> None:
+    model = _calm(2, eos=None, context=8)
+    engine = Engine(model, max_batch=2)
+    short = engine.submit([3, 4], GenerationSettings(max_tokens=3, temperature=1.0, seed=1))
+    long = engine.submit([3, 4, 5, 6], GenerationSettings(max_tokens=1000, temperature=1.0, seed=2))
+    later = engine.submit([7, 8], GenerationSettings(max_tokens=4, temperature=1.0, seed=3))
+    seen_busy = []
+    for _ in engine.run():
+        seen_busy.append(engine.active)
+    assert max(seen_busy) <= 2
+    assert (short.finish_reason, len(short.tokens)) == ("length", 3)
+    # context 8 steps: 2 prompt chunks, 6 more fed back, and the last drawn chunk is kept -> 7 chunks of 2 tokens.
+    assert (long.finish_reason, len(long.tokens)) == ("length", 14)
+    assert later.finish_reason == "length" and len(later.tokens) == 4 and later.started >= short.finished
+
+
+def test_eos_ends_a_row_and_pad_is_dropped_only_when_configured() -> None:
+    model = _token_model()
+    tokens = decode_all(Engine(model, max_batch=1), [[5, 6]], GenerationSettings(max_tokens=40, temperature=0.0))[0]
+    eos = tokens[3]
+    model.config.eos_token_id, model.config.pad_token_id = eos, None
+    engine = Engine(model, max_batch=1)
+    request = engine.submit([5, 6], GenerationSettings(max_tokens=40, temperature=0.0))
+    for _ in engine.run():
+        pass
+    assert request.finish_reason == "eos" and request.tokens == tokens[: tokens.index(eos)]
+    model.config.eos_token_id, model.config.pad_token_id = None, 0  # token 0 is text unless a config says it is padding
+    calm = _calm(2, eos=None, pad=None)
+    out = decode_all(Engine(calm, max_batch=1), [[0, 0, 0, 0]], GenerationSettings(max_tokens=30, temperature=1.0, seed=9))
+    assert len(out[0]) == 30
+
+
+def test_cancel_frees_the_slot_at_the_next_step() -> None:
+    engine = Engine(_calm(2, eos=None), max_batch=1)
+    first = engine.submit([3, 4], GenerationSettings(max_tokens=50, temperature=1.0, seed=1))
+    second = engine.submit([3, 4], GenerationSettings(max_tokens=20, temperature=1.0, seed=1))
+    engine.step()
+    engine.cancel(first, "stop")
+    engine.step()
+    assert first.finish_reason == "stop" and engine.slots[0] is second
+
+
+def test_too_long_a_prompt_is_refused() -> None:
+    engine = Engine(_calm(2, context=8), max_batch=1)
+    with pytest.raises(UsageError, match="context"):
+        engine.submit(list(range(3, 20)), GenerationSettings())
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the most elements any operation produced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(value, torch.Tensor):
+                self.largest = max(self.largest, value.numel())
+        return out
+
+
+def test_leftover_scoring_memory_does_not_grow_with_the_vocabulary(monkeypatch) -> None:
+    """The prefix log-probabilities are scored in slices: the old path held pool x K x V float32 logits per row."""
+    model = _calm(4, eos=None, vocab=2000)
+    runner = runners.CALMRunner(model, "dense")
+    monkeypatch.setattr(runners, "SCORE_ELEMENTS", 1024)
+    rows, pool = 6, 64
+    latents = torch.randn(rows, pool, 8)
+    prefix = torch.tensor([[5, 6, 7, -1]] * rows)
+    with torch.inference_mode(), _LargestTensor() as probe:
+        scores = runner._prefix_scores(latents, prefix)
+    old_path = rows * pool * 4 * model.config.vocab_size
+    ae = model.ae_model.config
+    assert probe.largest <= rows * pool * 4 * max(ae.hidden_size, ae.intermediate_size) < old_path / 10
+    with torch.inference_mode():
+        logp = torch.log_softmax(model.ae_model.decoder(latents.unsqueeze(-2)).float(), -1)  # [rows, pool, K, V]
+    expected = logp[..., 0, 5] + logp[..., 1, 6] + logp[..., 2, 7]
+    assert torch.allclose(scores, expected, atol=1e-4)
