@@ -120,7 +120,8 @@ class Engine:
         if self.max_batch < 1:
             raise UsageError("--max-batch must be at least 1")
         self.eos = model.config.eos_token_id
-        self.pad = model.config.pad_token_id  # None: no token is padding, every token is kept
+        # Padding a CALM chunk may decode to; None keeps every token (a token model's draw is always kept).
+        self.pad = model.config.pad_token_id if self.runner.chunks_hold_padding else None
         self.cache: KVCache = self.runner.new_cache(self.max_batch)
         self.hidden = torch.zeros(self.max_batch, model.config.hidden_size, dtype=param.dtype, device=self.device)
         self.rng = RowRandom(

@@ -45,6 +45,7 @@ class Runner:
     """The shared half: prefill and step over the backbone; subclasses embed inputs and sample."""
 
     unit: int  # tokens per step
+    chunks_hold_padding = False  # whether a drawn chunk may contain PAD that is not text
     backbone: Backbone
     config: object
 
@@ -103,6 +104,8 @@ class TokenRunner(Runner):
 
 class CALMRunner(Runner):
     """CALM: a chunk of K tokens per step, drawn by the energy head and decoded by the autoencoder."""
+
+    chunks_hold_padding = True  # the autoencoder learnt PAD where a document's last chunk was short
 
     def __init__(self, model: CALM, candidate_decoder: str = "fast") -> None:
         check_candidate_decoder(candidate_decoder)
