@@ -142,6 +142,7 @@ def convert(
     dst: Path = typer.Argument(..., help="Output directory (our layout: config.json, model.safetensors, tokenizer.json)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
     ae: Optional[Path] = typer.Option(None, "--ae", help="Autoencoder directory, overriding the checkpoint's ae_path."),
+    force: bool = typer.Option(False, "--force", help="Write into DST even when it is a non-empty folder that holds no model (its other files are kept)."),
 ) -> None:
     """Rewrite a checkpoint (CALM or token-level baseline) in calm's own single-file layout."""
     from ..io.checkpoint import (
@@ -156,7 +157,7 @@ def convert(
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype '{dtype}' (use fp32, bf16 or fp16)")
     if is_baseline_dir(src):
-        save_baseline(load_baseline(src), dst, dtype=DTYPES[dtype])
+        save_baseline(load_baseline(src), dst, dtype=DTYPES[dtype], force=force)
     else:
-        save_model(load_model(src, ae=str(ae) if ae else None), dst, dtype=DTYPES[dtype])
+        save_model(load_model(src, ae=str(ae) if ae else None), dst, dtype=DTYPES[dtype], force=force)
     err.print(f"wrote {dst}")
