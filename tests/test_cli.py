@@ -98,6 +98,22 @@ def test_errors_are_one_line(args, code, needle):
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("seed", ["99999999999999999999", str(2**63), "-1"])
+@pytest.mark.parametrize(
+    "command", [["generate", "x", "-m", MODEL], ["bench"], ["eval", MODEL, "-m", MODEL], ["train", "calm", ".", "-o", "/nonexistent/out"]], ids=lambda c: c[0]
+)
+def test_seed_out_of_range_is_a_usage_error(command, seed):
+    r = run_calm(*command, "--seed", seed)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--seed" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_largest_seed_is_accepted():
+    r = run_calm("generate", "x", "-m", MODEL, "-n", "4", "--temp", "1", "--seed", str(2**63 - 1))
+    assert r.returncode == 0, r.stderr
+
+
 def test_corrupt_checkpoint_is_runtime_error(tmp_path, fixtures):
     import shutil
 
