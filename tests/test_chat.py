@@ -196,3 +196,19 @@ def test_template_renders_the_conversation_and_its_stop_string():
     assert talk.prompt("Why?") == "Be kind.\nUser: Hi\nAssistant: Hello!\nUser: Bye\nAssistant: See you.\nUser: Why?\nAssistant:"
     assert talk.fit("Why?", len, budget=60) == 1 and talk.prompt("Why?").startswith("Be kind.\nUser: Bye")
     assert Template.parse("### Q:\n{message}\n### A:\n").answered("x", "y") == "### Q:\nx\n### A:\ny\n"
+
+
+def test_out_of_range_seed_is_one_line_and_the_chat_goes_on(tmp_path):
+    big = str(2**70)
+    script = f"/seed {big}\n/seed -3\n/seed {2**63 - 1}\nHello\nAgain\n/save {tmp_path / 's.json'}\n"
+    r = run_calm("chat", "-m", MODEL, "-n", "8", "--temp", "1", input=script)
+    assert r.returncode == 0, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all("/seed N" in line for line in errors) and "Traceback" not in r.stderr
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["settings"]["seed"] == 2**63 - 1 and len(saved["turns"]) == 2
+
+
+def test_out_of_range_seed_flag_is_a_usage_error():
+    r = run_calm("chat", "-m", MODEL, "--seed", str(2**63), input="hi\n")
+    assert r.returncode == 2 and "--seed" in r.stderr and len(r.stderr.strip().splitlines()) == 1

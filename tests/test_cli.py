@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 
 import pytest
 import torch
 from helpers import calm_command, run_calm
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
+from calm_cli.io.checkpoint import load_autoencoder
 
 MODEL = "tests/fixtures/official-tiny/calm"
 
@@ -51,22 +55,42 @@ def test_info_json():
     assert facts["patch_size (K)"] == 4 and facts["parameters"]["total"] > 0 and facts["file format"] == "safetensors"
 
 
-def test_encode_decode_roundtrip(tmp_path):
+def test_encode_decode_roundtrip(tmp_path, fixtures):
     text = "The quick brown fox jumps over the lazy dog."
     out = tmp_path / "z.safetensors"
     r = run_calm("encode", text, "-m", MODEL, "--out", str(out))
     assert r.returncode == 0, r.stderr
+    tokenizer = Tokenizer.from_file(str(fixtures / "calm" / "tokenizer.json"))
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
     tensors = load_file(str(out))
-    assert tensors["mean"].shape[1] == 16 and tensors["mean"].shape[0] == tensors["input_ids"].numel() // 4
+    assert tensors["input_ids"].tolist() == ids + [2] * (-len(ids) % 4)  # no BOS; PAD (id 2) fills the last chunk
+    assert tensors["mean"].shape == (math.ceil(len(ids) / 4), 16)
     lines = run_calm("encode", text, "-m", MODEL).stdout.splitlines()
     assert len(lines) == tensors["mean"].shape[0]
+    assert [json.loads(line)["text_tokens"] for line in lines] == [4] * (len(ids) // 4) + [len(ids) % 4] * (len(ids) % 4 > 0)
     assert torch.allclose(torch.tensor(json.loads(lines[0])["mean"]), tensors["mean"][0], atol=1e-6)
     decoded_file = run_calm("decode", str(out), "-m", MODEL)
     decoded_lines = run_calm("decode", "-", "-m", MODEL, input="\n".join(lines))
     assert decoded_file.returncode == 0 and decoded_lines.returncode == 0
-    assert decoded_file.stdout.strip() and decoded_file.stdout.strip() in decoded_lines.stdout
+    assert decoded_file.stdout == decoded_lines.stdout and decoded_file.stdout.strip()
+
+    ae = load_autoencoder(fixtures / "calm")
+    padded = torch.tensor([ids + [2] * (-len(ids) % 4)])
+    with torch.inference_mode():
+        recon = ae.decode(ae.encode(padded)[0]).argmax(-1).flatten()[: len(ids)]
+    correct = int((recon == torch.tensor(ids)).sum())
     rt = json.loads(run_calm("encode", "--roundtrip", text, "-m", MODEL).stdout)
-    assert rt["tokens"] == tensors["input_ids"].numel() - (-rt["tokens"] % 4) and 0 <= rt["accuracy"] <= 1
+    assert rt == {"tokens": len(ids), "correct": correct, "accuracy": correct / len(ids)}
+
+
+def test_bundled_autoencoder_gives_the_text_back(tmp_path):
+    """`calm encode "ab" | calm decode -` printed "-ab": BOS came back as a character."""
+    lines = run_calm("encode", "ab")
+    assert lines.returncode == 0, lines.stderr
+    assert run_calm("decode", "-", input=lines.stdout).stdout == "ab\n"
+    out = tmp_path / "z.safetensors"
+    assert run_calm("encode", "Hi.", "--out", str(out)).returncode == 0
+    assert run_calm("decode", str(out)).stdout == "Hi.\n"
 
 
 def test_convert_then_generate_same_output(tmp_path):
@@ -96,6 +120,22 @@ def test_errors_are_one_line(args, code, needle):
     assert r.returncode == code, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999", str(2**63), "-1"])
+@pytest.mark.parametrize(
+    "command", [["generate", "x", "-m", MODEL], ["bench"], ["eval", MODEL, "-m", MODEL], ["train", "calm", ".", "-o", "/nonexistent/out"]], ids=lambda c: c[0]
+)
+def test_seed_out_of_range_is_a_usage_error(command, seed):
+    r = run_calm(*command, "--seed", seed)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--seed" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_largest_seed_is_accepted():
+    r = run_calm("generate", "x", "-m", MODEL, "-n", "4", "--temp", "1", "--seed", str(2**63 - 1))
+    assert r.returncode == 0, r.stderr
 
 
 def test_corrupt_checkpoint_is_runtime_error(tmp_path, fixtures):

@@ -11,8 +11,10 @@ import torch
 from helpers import run_calm
 
 from calm_cli.errors import UsageError
+from calm_cli.eval.brier import brier_lm_rows
 from calm_cli.eval.evaluate import (
     _Side,
+    bootstrap_ci,
     check_arguments,
     continue_pairs,
     evaluate,
@@ -243,6 +245,23 @@ def test_calm_k2_end_to_end_counts_positions():
     assert result.counts.tolist() == [1, 1, 18] and torch.isfinite(result.sums).all()
 
 
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_calm_k2_end_to_end_scores_by_hand(batch_size, monkeypatch):
+    """An autoencoder that decodes every latent to 5s: both samples are 5 5 5 5, so Brier-n = 2 [y[:n] = 5...5] - 1.
+
+    Positions sit at chunk boundaries (even offsets), so in 5 3 5 3 ... each true continuation
+    starts 5 3: Brier-1 is +1 and Brier-2..4 are -1 there.
+    """
+    model = _tiny_calm(2)
+    monkeypatch.setattr(model.ae_model, "decode_tokens", lambda latents: torch.full((*latents.shape[:-1], 2), 5))
+    docs = [torch.full((20,), 5), torch.full((20,), 3), torch.tensor([5, 3] * 10)]
+    result = evaluate_documents(model, docs, seed=0, batch_size=batch_size)
+    counts = result.counts[:, None]
+    assert result.counts.tolist() == [8, 8, 8]
+    expected = torch.tensor([[1, 1, 1, 1], [-1, -1, -1, -1], [1, -1, -1, -1]], dtype=torch.float64) * counts
+    assert torch.equal(result.sums, expected)
+
+
 # ---- end to end on the fixture model ---------------------------------------------------------
 
 
@@ -259,11 +278,23 @@ def test_fixture_eval_is_finite_and_repeatable(fixture_model):
     keys = {"brier1", "brier2", "brier3", "brier4", "brierlm", "brierlm_ci95", "positions", "documents"}
     assert keys <= set(first) and first["positions"] > 0 and first["documents"] > 1
     assert all(math.isfinite(first[k]) for k in ("brier1", "brier2", "brier3", "brier4", "brierlm"))
-    low, high = first["brierlm_ci95"]
-    assert low <= high
+    # This random model never gets two tokens right: Brier-2 is 0 in every resample, so BrierLM and its interval are 0.
+    assert first["brier2"] == 0.0 and first["brier1"] < 0
+    assert first["brierlm"] == 0.0 and first["brierlm_ci95"] == [0.0, 0.0]
     assert {k: v for k, v in first.items() if k != "seconds"} == {k: v for k, v in again.items() if k != "seconds"}
     limited = evaluate(fixture_model, [CORPUS], max_docs=3, max_tokens=400)
     assert limited["documents"] <= 3 and limited["positions"] <= 100
+
+
+def test_bootstrap_interval_by_hand():
+    """Identical documents: every resample gives the same BrierLM, so the interval is that point; spread widens it."""
+    same = torch.tensor([[0.5, 0.4, 0.3, 0.2]] * 5, dtype=torch.float64)
+    point = brier_lm_rows(same.sum(0) / 5).item()
+    assert bootstrap_ci(same, torch.ones(5, dtype=torch.float64), seed=0) == pytest.approx([point, point], abs=1e-12)
+    spread = same * torch.tensor([0.2, 0.6, 1.0, 1.4, 1.8], dtype=torch.float64)[:, None]
+    low, high = bootstrap_ci(spread, torch.ones(5, dtype=torch.float64), seed=0)
+    assert low < point < high
+    assert bootstrap_ci(same[:1], torch.ones(1, dtype=torch.float64), seed=0) == [None, None]
 
 
 def test_eval_of_prepared_token_files(fixture_model, tmp_path):

@@ -106,6 +106,69 @@ def test_constructed_near_ties_match_dense(partner_offset: int) -> None:
     assert proven > 0 and stats.rescored > 0 and stats.dense > 0  # exact duplicates (factor 0) need dense rows
 
 
+PRECISION_SETTINGS = {
+    "legacy-medium": lambda: torch.set_float32_matmul_precision("medium"),
+    "legacy-high": lambda: torch.set_float32_matmul_precision("high"),
+    "legacy-allow-tf32": lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True),
+    "cuda-tf32": lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+    "mkldnn-bf16": lambda: setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16"),
+    "global-bf16": lambda: setattr(torch.backends, "fp32_precision", "bf16"),
+    "global-tf32": lambda: setattr(torch.backends, "fp32_precision", "tf32"),
+}
+PRECISION_FLAGS = [(torch.backends, "fp32_precision"), (torch.backends.cuda.matmul, "fp32_precision"), (torch.backends.mkldnn.matmul, "fp32_precision")]
+
+
+@pytest.fixture
+def restore_precision():
+    """Put the legacy and the new-style float32 precision settings back as they were."""
+    legacy = torch.get_float32_matmul_precision()
+    flags = [getattr(owner, name) for owner, name in PRECISION_FLAGS]
+    yield
+    torch.set_float32_matmul_precision(legacy)
+    for (owner, name), value in zip(PRECISION_FLAGS, flags):
+        setattr(owner, name, value)
+
+
+LINEAR = F.linear
+
+
+def effective_cpu_precision() -> str:
+    """What oneDNN applies to a float32 matmul: the most specific of the new-style settings that is not "none"."""
+    for value in (torch.backends.mkldnn.matmul.fp32_precision, torch.backends.mkldnn.fp32_precision, torch.backends.fp32_precision):
+        if value != "none":
+            return value
+    return "ieee"
+
+
+def amx_like_linear(x: torch.Tensor, w: torch.Tensor, *args) -> torch.Tensor:
+    """F.linear as a CPU with bf16 matrix units runs it: float32 inputs rounded to bf16 when the setting allows."""
+    if x.dtype == torch.float32 and effective_cpu_precision() == "bf16":
+        return LINEAR(x.bfloat16().float(), w.bfloat16().float(), *args)
+    return LINEAR(x, w, *args)
+
+
+@pytest.mark.parametrize("setting", sorted(PRECISION_SETTINGS))
+def test_near_ties_match_ieee_float32_under_every_precision_setting(setting: str, restore_precision, monkeypatch) -> None:
+    """The decoder's reference is the IEEE float32 argmax even where the user let float32 matmuls run in bf16 or TF32.
+
+    This CPU may have no bf16 matrix units, so F.linear is replaced by one that honours the
+    settings as such a CPU does; on the real thing (or CUDA with TF32) the same holds.
+    """
+    hidden, weight = _near_ties(torch.linspace(-0.1, 0.1, 81).tolist(), 1, seed=2)
+    truth = LINEAR(hidden, weight).argmax(-1)
+    ae = _random_ae(vocab=weight.shape[0], hidden=weight.shape[1])
+    monkeypatch.setattr(F, "linear", amx_like_linear)
+    PRECISION_SETTINGS[setting]()
+    if effective_cpu_precision() == "bf16":
+        assert not torch.equal(F.linear(hidden, weight).argmax(-1), truth)  # the setting does change plain float32 argmaxes
+    before = [getattr(owner, name) for owner, name in PRECISION_FLAGS]
+    fast = FastCandidateDecoder(ae)
+    assert torch.equal(fast.argmax(hidden, weight), truth)
+    assert torch.equal(fast(torch.zeros(3, 2, ae.config.latent_size)), ae.decode_tokens(torch.zeros(3, 2, ae.config.latent_size)))
+    assert fast.stats.rescored + fast.stats.dense > 0  # the float32 reference was used
+    assert [getattr(owner, name) for owner, name in PRECISION_FLAGS] == before
+
+
 def test_score_bounds_hold_where_rounding_errors_line_up() -> None:
     """Entries that all round down by almost u make the bf16 error reach the worst case.
 
@@ -123,7 +186,7 @@ def test_score_bounds_hold_where_rounding_errors_line_up() -> None:
     dense = F.linear(hidden, weight).double()
     u = BF16_UNIT
     columns = [torch.full((3,), v) for v in range(weight.shape[0])]
-    error = torch.stack([score_error(norms, prepared, size, c, False) for c in columns], 1)
+    error = torch.stack([score_error(norms, prepared, size, c) for c in columns], 1)
     inputs = norms.error[:, None] * prepared.norms + norms.rounded[:, None] * prepared.rounding  # step 1's terms
     upper = torch.where(bf16 >= 0, bf16 / (1 - u), bf16 / (1 + u))
     lower = torch.where(bf16 >= 0, bf16 / (1 + u), bf16 / (1 - u))

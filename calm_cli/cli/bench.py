@@ -17,6 +17,7 @@ from .common import (
     SamplerOpt,
     SamplesOpt,
     err,
+    seed_option,
 )
 
 
@@ -45,7 +46,7 @@ def bench(
         "fast", "--candidate-decoder",
         help="CALM candidate decoder(s): fast, dense, or dense,fast for one row of each (same tokens; see generate --help).",
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed for the prompts and the sampling."),
+    seed: int = seed_option(0, "Seed for the prompts and the sampling."),
     peak_gbs: Optional[float] = typer.Option(None, "--peak-gbs", help="Memory bandwidth of the device in GB/s (H200: 4800), for the bandwidth fraction."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with a 'rows' list instead of the table."),
     as_csv: bool = typer.Option(False, "--csv", help="Print the rows as CSV instead of the table."),

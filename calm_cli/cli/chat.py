@@ -32,6 +32,7 @@ from ..runtime.engine import Engine
 from ..runtime.settings import GenerationSettings, check_settings
 from ..runtime.text import GenerationStats, stream_text
 from .common import (
+    SEED_LIMIT,
     DeviceOpt,
     DtypeOpt,
     ModelOpt,
@@ -40,6 +41,7 @@ from .common import (
     TempOpt,
     default_model_path,
     load_for_cli,
+    seed_option,
 )
 
 PROMPT = ">>> "
@@ -173,7 +175,7 @@ class ChatSession:
         stop = self.conversation.template.stop
         settings = self.settings
         if settings.seed is not None:  # the same conversation replays exactly, yet its replies differ from each other
-            settings = replace(settings, seed=settings.seed + len(self.conversation.turns))
+            settings = replace(settings, seed=(settings.seed + len(self.conversation.turns)) % SEED_LIMIT)
         stats = GenerationStats()
         parts: list[str] = []
         shown, pending, interrupted = False, "", False
@@ -247,7 +249,11 @@ class ChatSession:
             self._settings(seed=None)
             self.display.note("random seed for every reply")
             return
-        self._settings(seed=_number(arg, int, "/seed N (a whole number, or 'random')"))
+        usage = "/seed N (a whole number from 0 to 2^63 - 1, or 'random')"
+        seed = _number(arg, int, usage)
+        if not 0 <= seed < SEED_LIMIT:
+            raise UsageError(f"usage: {usage}")
+        self._settings(seed=seed)
         self.display.note(f"seed {self.settings.seed} (+ turn number) for each reply")
 
     def _cmd_system(self, arg: str) -> None:
@@ -429,7 +435,7 @@ def chat(
     temp: float = TempOpt,
     samples: int = SamplesOpt,
     sampler: str = SamplerOpt,
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for a repeatable conversation: the reply to turn i uses SEED+i (/seed N changes it)."),
+    seed: Optional[int] = seed_option(None, "Seed for a repeatable conversation: the reply to turn i uses SEED+i (/seed N changes it)."),
     system: str = typer.Option("", "--system", help="System text on top of the conversation (/system TEXT changes it)."),
     template: Optional[str] = typer.Option(
         None, "--template",

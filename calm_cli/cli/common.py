@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -24,6 +24,14 @@ CandidateDecoderOpt = typer.Option(
     help="How candidate chunks are decoded: fast (bf16 scores with an error certificate, float32 where it cannot "
     "decide; the same tokens as dense) or dense (float32 over the whole vocabulary, for comparison).",
 )
+SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2^63: what torch.Generator.manual_seed takes without overflow
+
+
+def seed_option(default: int | None, help: str) -> Any:
+    """--seed, refused with a usage error (exit 2) outside [0, 2^63) before any work starts."""
+    return typer.Option(default, "--seed", min=0, max=SEED_LIMIT - 1, help=help)
+
+
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (CUDA when present).")
 DtypeOpt = typer.Option("auto", "--dtype", help="fp32, bf16, fp16 or auto (bf16 on CUDA, fp32 on CPU).")
 

@@ -25,13 +25,15 @@ def data_prepare(
     """Tokenise documents into memory-mapped train/held-out token files."""
     import shutil
 
+    from ..io.atomic import atomic_path
     from ..training.data import prepare_data
 
     if not 0.0 < heldout < 1.0:
         raise UsageError("--heldout must be between 0 and 1")
     manifest = prepare_data(sources, tokenizer, out, heldout_fraction=heldout)
     if tokenizer.resolve() != (out / "tokenizer.json").resolve():
-        shutil.copyfile(tokenizer, out / "tokenizer.json")
+        with atomic_path(out / "tokenizer.json") as tmp:
+            shutil.copyfile(tokenizer, tmp)
     splits = manifest.get("splits", {})
     err.print(" · ".join(f"{name}: {info.get('tokens')} tokens" for name, info in splits.items()) or f"wrote {out}")
 

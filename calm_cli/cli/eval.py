@@ -16,6 +16,7 @@ from .common import (
     default_model_path,
     err,
     load_for_cli,
+    seed_option,
 )
 
 
@@ -27,7 +28,7 @@ def eval_(
     model: Optional[Path] = ModelOpt,
     max_docs: Optional[int] = typer.Option(None, "--max-docs", help="Score only the first N documents."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Stop after this many tokens in all (the last document is cut)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the model samples and the bootstrap; same seed, data and batch size give the same numbers."),
+    seed: int = seed_option(0, "Seed of the model samples and the bootstrap; same seed, data and batch size give the same numbers."),
     batch_size: int = typer.Option(8, "--batch-size", help="Context windows per forward pass."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: brier1..brier4, brierlm, brierlm_ci95, positions, documents, model, seconds."),
     device: str = DeviceOpt,

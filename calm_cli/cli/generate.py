@@ -24,6 +24,7 @@ from .common import (
     load_for_cli,
     read_prompt,
     read_text,
+    seed_option,
 )
 
 
@@ -35,7 +36,7 @@ def generate(
     samples: int = SamplesOpt,
     sampler: str = SamplerOpt,
     candidate_decoder: str = CandidateDecoderOpt,
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for repeatable output."),
+    seed: Optional[int] = seed_option(None, "Seed for repeatable output."),
     stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable)."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print text as each chunk is decoded."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text, token counts and timings."),

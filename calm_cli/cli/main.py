@@ -61,17 +61,19 @@ def main() -> None:
         _quiet_exit(0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    except typer.TyperException as exc:
+        if STATE["debug"]:
+            raise
+        message = exc.format_message()
+        if not message:
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        name = ctx.command.name if ctx is not None and ctx.command is not None else None
+        hint = f" (see 'calm {name} --help')" if name and name != "calm" else ""
+        _fail(f"{message}{hint}", 2)
     except Exception as exc:
         if STATE["debug"]:
             raise
-        if _is_usage_error(exc):
-            message = exc.format_message()
-            if not message:
-                sys.exit(exc.exit_code)
-            ctx = getattr(exc, "ctx", None)
-            name = ctx.command.name if ctx is not None and ctx.command is not None else None
-            hint = f" (see 'calm {name} --help')" if name and name != "calm" else ""
-            _fail(f"{message}{hint}", 2)
         first = str(exc).splitlines()[0] if str(exc) else ""
         _fail(f"{type(exc).__name__}: {first} (run with --debug for the traceback)", 1)
 
@@ -100,11 +102,6 @@ class _PipeAwareStdout:
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
-
-
-def _is_usage_error(exc: Exception) -> bool:
-    """Typer's parser errors (click's, vendored in newer typer) carry an exit code and a formatted message."""
-    return isinstance(getattr(exc, "exit_code", None), int) and callable(getattr(exc, "format_message", None))
 
 
 def _fail(message: str, code: int) -> None:

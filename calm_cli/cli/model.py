@@ -16,6 +16,7 @@ from .common import (
     default_model_path,
     err,
     read_prompt,
+    read_text,
 )
 
 
@@ -23,45 +24,38 @@ def encode(
     text: Optional[str] = typer.Argument(None, help="Text to encode; '-' or nothing reads stdin."),
     model: Optional[Path] = ModelOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write input_ids, mean and log_std to this .safetensors file."),
-    roundtrip: bool = typer.Option(False, "--roundtrip", help="Report token reconstruction accuracy from the mean latent."),
+    roundtrip: bool = typer.Option(False, "--roundtrip", help="Report how many text tokens the mean latent reconstructs."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json to use instead of the model's."),
 ) -> None:
     """Text -> one latent vector per K tokens (JSON lines on stdout, or --out FILE)."""
-    import torch
-
     from ..io.checkpoint import load_autoencoder
-    from ..io.tokenizer import encode as tok_encode
+    from ..runtime.latents import encode_text, reconstruction, tokenizer_of
 
     ae = load_autoencoder(model or default_model_path(), tokenizer=str(tokenizer) if tokenizer else None)
-    if ae.tokenizer is None:
-        raise CalmError("the model has no tokenizer.json (pass --tokenizer PATH)")
-    ids = tok_encode(ae.tokenizer, read_prompt(text))
-    k = ae.config.patch_size
-    pad = ae.config.pad_token_id if ae.config.pad_token_id is not None else 0
-    padded = ids + [pad] * (-len(ids) % k)
-    input_ids = torch.tensor([padded])
-    with torch.inference_mode():
-        mean, log_std = ae.encode(input_ids)
-        recon = ae.decode(mean).argmax(-1)
+    tokenizer_of(ae)
+    source = read_prompt(text)
     if roundtrip:
-        n = len(ids)
-        correct = (recon[0, :n] == input_ids[0, :n]).sum().item()
+        n, correct = reconstruction(ae, source)
         sys.stdout.write(json.dumps({"tokens": n, "correct": correct, "accuracy": correct / n}) + "\n")
         return
+    encoded = encode_text(ae, source)
+    k = ae.config.patch_size
     if out is not None:
+        import torch
         from safetensors.torch import save_file
 
         from ..io.atomic import atomic_path
 
+        tensors = {"input_ids": torch.tensor(encoded.padded), "mean": encoded.mean.contiguous(), "log_std": encoded.log_std.contiguous()}
         with atomic_path(out) as tmp:
-            save_file(
-                {"input_ids": input_ids[0], "mean": mean[0].contiguous(), "log_std": log_std[0].contiguous()},
-                str(tmp), {"num_tokens": str(len(ids)), "patch_size": str(k)},
-            )
-        err.print(f"wrote {mean.shape[1]} latents of size {mean.shape[2]} to {out}")
+            save_file(tensors, str(tmp), {"num_tokens": str(len(encoded.ids)), "patch_size": str(k)})
+        err.print(f"wrote {encoded.mean.shape[0]} latents of size {encoded.mean.shape[1]} to {out}")
         return
-    for i in range(mean.shape[1]):
-        row = {"tokens": padded[i * k : (i + 1) * k], "mean": mean[0, i].tolist(), "log_std": log_std[0, i].tolist()}
+    for i, length in enumerate(encoded.chunk_lengths(k)):
+        row = {
+            "tokens": encoded.padded[i * k : (i + 1) * k], "text_tokens": length,
+            "mean": encoded.mean[i].tolist(), "log_std": encoded.log_std[i].tolist(),
+        }
         sys.stdout.write(json.dumps(row) + "\n")
 
 
@@ -71,51 +65,67 @@ def decode(
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json to use instead of the model's."),
 ) -> None:
     """Latent vectors -> text."""
-    import torch
-
     from ..io.checkpoint import load_autoencoder
+    from ..runtime.latents import decode_latents, ids_to_text, tokenizer_of
 
     ae = load_autoencoder(model or default_model_path(), tokenizer=str(tokenizer) if tokenizer else None)
-    if ae.tokenizer is None:
-        raise CalmError("the model has no tokenizer.json (pass --tokenizer PATH)")
-    num_tokens = None
+    tokenizer_of(ae)
     if source not in (None, "-") and source.endswith(".safetensors"):
-        from safetensors import safe_open
+        latents, lengths = _read_latent_file(Path(source), ae.config.patch_size)
+    else:
+        latents, lengths = _read_latent_lines(source, ae.config.patch_size)
+    sys.stdout.write(ids_to_text(ae, decode_latents(ae, latents, lengths)) + "\n")
 
-        path = Path(source)
-        if not path.exists():
-            raise UsageError(f"{path}: no such file")
+
+def _read_latent_file(path: Path, patch_size: int):
+    """'mean' of a `calm encode --out` file, and how many text tokens each chunk holds (from 'num_tokens')."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    try:
         with safe_open(str(path), "pt") as fh:
             if "mean" not in fh.keys():
                 raise CalmError(f"{path}: no 'mean' tensor")
             latents = fh.get_tensor("mean")
-            num_tokens = int((fh.metadata() or {}).get("num_tokens", 0)) or None
+            count = (fh.metadata() or {}).get("num_tokens")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CalmError(f"{path}: cannot read safetensors file ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+    if count is None or latents.ndim != 2:
+        return latents, None
+    if not count.isdigit() or not 0 <= int(count) <= patch_size * latents.shape[0]:
+        raise CalmError(f"{path}: num_tokens {count!r} does not fit {latents.shape[0]} chunks of {patch_size}")
+    n = int(count)
+    return latents, [min(patch_size, max(0, n - start)) for start in range(0, patch_size * latents.shape[0], patch_size)]
+
+
+def _read_latent_lines(source: Optional[str], patch_size: int):
+    """JSON lines with a 'mean' list (and, from `calm encode`, 'text_tokens': that chunk's text token count)."""
+    import torch
+
+    if source in (None, "-"):
+        lines = sys.stdin.read().splitlines()
     else:
-        if source in (None, "-"):
-            lines = sys.stdin.read().splitlines()
-        else:
-            try:
-                lines = Path(source).read_text().splitlines()
-            except OSError as exc:
-                raise UsageError(f"{source}: {exc.strerror}") from None
-        rows = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line)["mean"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UsageError(f"line {n}: expected a JSON object with a 'mean' list") from None
-        if not rows:
-            raise UsageError("no latents to decode")
-        latents = torch.tensor(rows, dtype=torch.float32)
-    if latents.ndim != 2 or latents.shape[-1] != ae.config.latent_size:
-        raise CalmError(f"latents have shape {list(latents.shape)}; the autoencoder needs [chunks, {ae.config.latent_size}]")
-    with torch.inference_mode():
-        ids = ae.decode_tokens(latents.to(next(ae.parameters()).dtype)).reshape(-1).tolist()
-    if num_tokens:
-        ids = ids[:num_tokens]
-    sys.stdout.write(ae.tokenizer.decode(ids, skip_special_tokens=True) + "\n")
+        lines = read_text(Path(source)).splitlines()
+    rows, lengths = [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            mean = [float(x) for x in row["mean"]]
+            length = row.get("text_tokens", patch_size)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            raise UsageError(f"line {n}: expected a JSON object with a 'mean' list of numbers") from None
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= patch_size:
+            raise UsageError(f"line {n}: 'text_tokens' must be a whole number from 0 to {patch_size}")
+        if rows and len(mean) != len(rows[0]):
+            raise UsageError(f"line {n}: 'mean' has {len(mean)} numbers, line 1 has {len(rows[0])}")
+        rows.append(mean)
+        lengths.append(length)
+    if not rows:
+        raise UsageError("no latents to decode")
+    return torch.tensor(rows, dtype=torch.float32), lengths
 
 
 def info(model: Optional[Path] = typer.Argument(None, help="Model directory (default: the bundled model)."),
@@ -142,6 +152,7 @@ def convert(
     dst: Path = typer.Argument(..., help="Output directory (our layout: config.json, model.safetensors, tokenizer.json)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
     ae: Optional[Path] = typer.Option(None, "--ae", help="Autoencoder directory, overriding the checkpoint's ae_path."),
+    force: bool = typer.Option(False, "--force", help="Write into DST even when it is a non-empty folder that holds no model (its other files are kept)."),
 ) -> None:
     """Rewrite a checkpoint (CALM or token-level baseline) in calm's own single-file layout."""
     from ..io.checkpoint import (
@@ -156,7 +167,7 @@ def convert(
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype '{dtype}' (use fp32, bf16 or fp16)")
     if is_baseline_dir(src):
-        save_baseline(load_baseline(src), dst, dtype=DTYPES[dtype])
+        save_baseline(load_baseline(src), dst, dtype=DTYPES[dtype], force=force)
     else:
-        save_model(load_model(src, ae=str(ae) if ae else None), dst, dtype=DTYPES[dtype])
+        save_model(load_model(src, ae=str(ae) if ae else None), dst, dtype=DTYPES[dtype], force=force)
     err.print(f"wrote {dst}")

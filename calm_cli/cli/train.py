@@ -16,6 +16,7 @@ from ..errors import CalmError, UsageError
 from ..io.tokenizer import load_tokenizer
 from ..io.tokenizer import vocab_size as tokenizer_vocab_size
 from ..models.config import AutoencoderConfig, CALMConfig, read_json
+from .common import seed_option
 
 train_app = typer.Typer(no_args_is_help=True, help="Train an autoencoder, a CALM model or a token-level baseline.")
 
@@ -37,7 +38,7 @@ SaveSteps = typer.Option(None, "--save-every-steps", help="Also checkpoint every
 EvalEvery = typer.Option(500, "--eval-every", help="Held-out evaluation every this many steps (0: only at the end).")
 EvalBatches = typer.Option(4, "--eval-batches", help="Held-out batches per evaluation.")
 LogEvery = typer.Option(10, "--log-every", help="Steps per log.jsonl record.")
-Seed = typer.Option(0, "--seed", help="Seed of initialisation, data order and noise (a resumed run keeps its own).")
+Seed = seed_option(0, "Seed of initialisation, data order and noise (a resumed run keeps its own).")
 Threads = typer.Option(None, "--threads", help="CPU threads (default: all cores available).")
 Bf16 = typer.Option(False, "--bf16/--fp32", help="bf16 autocast (weights and optimizer stay fp32).")
 Resume = typer.Option(False, "--resume", help="Continue from OUT/checkpoint exactly where it stopped.")

@@ -3,14 +3,19 @@
 A file is written under a temporary name in its own folder and renamed over the target
 only when writing succeeded, so a crash, Ctrl-C or `kill -9` leaves the old file (or none),
 never half of one. The temporary name starts with a dot and ends in `.tmp`.
+
+A set of files that must change together (a model's config, weights and tokenizer) goes
+through `replace_files`, which stages them and commits with a journal; readers find the
+current version of each with `current_file`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -51,3 +56,85 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_open(path) as handle:
         handle.write(text)
+
+
+COMMIT_FILE = ".calm-commit.json"
+
+
+def staged_name(name: str) -> str:
+    """Where `replace_files` writes the new `name` before the commit makes it current."""
+    return f".{name}.new"
+
+
+def current_file(directory: str | os.PathLike, name: str) -> Path:
+    """The current version of `name` in a folder `replace_files` writes.
+
+    While a commit is being applied (its journal lists `name` and the staged file still
+    exists) the staged file is the current one; otherwise `name` itself is.
+    """
+    folder = Path(directory)
+    staged = folder / staged_name(name)
+    return staged if name in _committed_names(folder) and staged.exists() else folder / name
+
+
+def _committed_names(folder: Path) -> list[str]:
+    """The names listed by an unfinished commit's journal ([] when there is none or it is unreadable)."""
+    try:
+        names = json.loads((folder / COMMIT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+def replace_files(directory: str | os.PathLike, writers: dict[str, Callable[[Path], None]]) -> None:
+    """Replace the files named in `writers` in `directory` as one change; leave every other file alone.
+
+    Each writer fills the path it is given.  All new files are written and synced under
+    staged names first; then a journal listing them is written atomically (the commit
+    point: from here readers using `current_file` see the new set); then each is renamed
+    over its target and the journal is removed.  A kill at any moment leaves either the
+    old set or the new one current, never a mix; the next call finishes or discards it.
+    """
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    _finish_commit(folder)
+    staged = {name: folder / staged_name(name) for name in writers}
+    try:
+        for name, write in writers.items():
+            staged[name].unlink(missing_ok=True)
+            write(staged[name])
+            usual_mode(staged[name])
+            _fsync(staged[name])
+    except BaseException:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
+        raise
+    journal = folder / staged_name(COMMIT_FILE)
+    journal.write_text(json.dumps(sorted(writers)) + "\n", encoding="utf-8")
+    _fsync(journal)
+    os.replace(journal, folder / COMMIT_FILE)
+    _fsync(folder)
+    _finish_commit(folder)
+
+
+def _finish_commit(folder: Path) -> None:
+    """Apply a journaled commit (renames whatever is still staged), then drop the journal."""
+    names = _committed_names(folder)
+    for name in names:
+        staged = folder / staged_name(name)
+        if staged.exists():
+            os.replace(staged, folder / name)
+    if names or (folder / COMMIT_FILE).exists():
+        _fsync(folder)
+        (folder / COMMIT_FILE).unlink(missing_ok=True)
+        _fsync(folder)
+    (folder / staged_name(COMMIT_FILE)).unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (renames), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

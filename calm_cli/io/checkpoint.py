@@ -8,7 +8,9 @@ The authors' files need a few rules (see tests/test_checkpoint.py for one test e
 - `generative_head.*` duplicates `mlp_generator.*`: either or both may be present;
 - `.bin` files are read with `torch.load(weights_only=True)` only.
 Our own layout (`save_model`) is one directory: config.json with the autoencoder config
-embedded as `ae_config`, one model.safetensors, tokenizer.json.
+embedded as `ae_config`, one model.safetensors, tokenizer.json. Saving replaces just those
+three files, as one change (`io.atomic.replace_files`), and reads go through
+`io.atomic.current_file`, so a save killed at any moment leaves a loadable model.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,7 +38,7 @@ from ..models.config import (
     config_to_dict,
     read_json,
 )
-from .atomic import usual_mode
+from .atomic import current_file, replace_files
 from .tokenizer import load_tokenizer
 from .tokenizer import vocab_size as tokenizer_vocab_size
 
@@ -47,7 +47,7 @@ TIED_AE_KEY = "decoder.lm_head_weight"
 
 def read_state_dict(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
     """All tensors of a checkpoint directory, and the format they came in."""
-    single = directory / "model.safetensors"
+    single = current_file(directory, "model.safetensors")
     if single.exists():
         return _load_safetensors(single), "safetensors"
     for index_name, kind in (("model.safetensors.index.json", "safetensors-sharded"), ("pytorch_model.bin.index.json", "bin-sharded")):
@@ -148,7 +148,7 @@ def _resolve(path_str: str, directory: Path) -> Path:
 def load_autoencoder(path: str | os.PathLike, *, device=None, dtype=None, tokenizer: str | None = None) -> Autoencoder:
     """An autoencoder-only directory, or the autoencoder inside a CALM directory."""
     directory = _check_dir(path)
-    config = read_json(directory / "config.json")
+    config = read_json(current_file(directory, "config.json"))
     if _is_calm(config):
         model = load_model(directory, device=device, dtype=dtype, tokenizer=tokenizer)
         model.ae_model.tokenizer = model.tokenizer
@@ -169,23 +169,23 @@ def load_model(
 ) -> CALM:
     """Load a CALM checkpoint (the authors' layout or ours) ready for inference."""
     directory = _check_dir(path)
-    raw = read_json(directory / "config.json")
+    raw = read_json(current_file(directory, "config.json"))
     if "TokenTransformer" in (raw.get("architectures") or []):
         raise CalmError(f"{directory}: a token-level baseline, not a CALM model (load it with calm_cli.io.checkpoint.load_baseline)")
     if not _is_calm(raw):
         raise CalmError(f"{directory}: config.json describes an autoencoder, not a CALM model (use calm encode/decode)")
-    config = config_from_dict(CALMConfig, raw, str(directory / "config.json"))
+    config = config_from_dict(CALMConfig, raw, str(current_file(directory, "config.json")))
     tensors, fmt = read_state_dict(directory)
     ae_tensors = _strip("ae_model.", tensors)
     ae_base: dict[str, Any] = dict(raw.get("ae_config") or {})
     ae_dir = Path(ae).expanduser() if ae else (_resolve(config.ae_path, directory) if config.ae_path else None)
     if ae_dir is not None and (ae or not ae_tensors):
-        if not (ae_dir / "config.json").exists():
+        if not current_file(ae_dir, "config.json").exists():
             raise CalmError(f"autoencoder directory {ae_dir} not found (set --ae PATH)")
-        ae_base = read_json(ae_dir / "config.json")
+        ae_base = read_json(current_file(ae_dir, "config.json"))
         ae_tensors, _ = read_state_dict(ae_dir)
-    elif ae_dir is not None and (ae_dir / "config.json").exists() and not ae_base:
-        ae_base = read_json(ae_dir / "config.json")
+    elif ae_dir is not None and current_file(ae_dir, "config.json").exists() and not ae_base:
+        ae_base = read_json(current_file(ae_dir, "config.json"))
     if not ae_tensors:
         raise CalmError(f"{directory}: no ae_model.* tensors and no autoencoder found (set --ae PATH)")
     autoencoder = _autoencoder_from_tensors(ae_tensors, ae_base, f"{directory} (autoencoder)")
@@ -218,15 +218,15 @@ def _check_dir(path: str | os.PathLike) -> Path:
         raise UsageError(f"{directory}: no such model directory")
     if not directory.is_dir():
         raise UsageError(f"{directory}: not a directory")
-    if not (directory / "config.json").exists():
+    if not current_file(directory, "config.json").exists():
         raise CalmError(f"{directory}: no config.json")
     return directory
 
 
 def _find_tokenizer(directory: Path, explicit: str | None, vocab_size: int, fallback: Path | None = None) -> Tokenizer | None:
-    candidates = [Path(explicit).expanduser()] if explicit else [directory / "tokenizer.json"]
+    candidates = [Path(explicit).expanduser()] if explicit else [current_file(directory, "tokenizer.json")]
     if not explicit and fallback is not None:
-        candidates.append(fallback / "tokenizer.json")
+        candidates.append(current_file(fallback, "tokenizer.json"))
     for candidate in candidates:
         if candidate.exists():
             tok = load_tokenizer(candidate)
@@ -243,9 +243,15 @@ def _place(module, device, dtype):
     return module.to(device=device, dtype=dtype)
 
 
-def save_model(model: CALM, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write our layout atomically: build in a temporary sibling directory, then rename."""
+def save_model(model: CALM, directory: str | os.PathLike, dtype: torch.dtype | None = None, force: bool = False) -> Path:
+    """Write our layout into `directory`, replacing only its config, weights and tokenizer (see `write_directory`)."""
     target = Path(directory).expanduser()
+    write_directory(target, calm_files(model, dtype), force=force)
+    return target
+
+
+def calm_files(model: CALM, dtype: torch.dtype | None = None) -> dict[str, FileWriter]:
+    """The writers of a CALM model's files in our layout (the tied autoencoder head is not stored twice)."""
     config = config_to_dict(model.config)
     config.pop("ae_path", None)
     config["architectures"] = ["EnergyTransformer"]
@@ -255,38 +261,52 @@ def save_model(model: CALM, directory: str | os.PathLike, dtype: torch.dtype | N
         if k == f"ae_model.{TIED_AE_KEY}" and v.data_ptr() == model.ae_model.encoder.embed_tokens.weight.data_ptr():
             continue
         state[k] = (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
-    config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    write_directory(target, config, state, getattr(model, "tokenizer", None))
-    return target
+    return model_files(config, state, getattr(model, "tokenizer", None))
 
 
-def write_directory(target: Path, config: dict[str, Any], state: dict[str, torch.Tensor], tokenizer: Tokenizer | None) -> None:
-    """Config, weights and tokenizer into `target`, replacing it only once everything is written."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+FileWriter = Callable[[Path], None]
+OWNED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def model_files(config: dict[str, Any], state: dict[str, torch.Tensor], tokenizer: Tokenizer | None) -> dict[str, FileWriter]:
+    """Writers for config.json, model.safetensors and (when there is one) tokenizer.json."""
+    config = {**config, "torch_dtype": str(next(iter(state.values())).dtype).removeprefix("torch.")}
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    files: dict[str, FileWriter] = {
+        "model.safetensors": lambda path: save_file(state, str(path), metadata={"format": "pt"}),
+        "config.json": lambda path: path.write_text(text, encoding="utf-8"),
+    }
+    if tokenizer is not None:
+        files["tokenizer.json"] = lambda path: tokenizer.save(str(path))
+    return files
+
+
+def write_directory(target: Path, files: dict[str, FileWriter], force: bool = False) -> None:
+    """Replace `files` in the model folder `target` as one change, keeping every other file in it.
+
+    A folder that exists, is not empty and holds no model (no config.json) is refused
+    unless `force`: the files would land among someone else's. A kill at any moment
+    leaves the previous model or the new one loadable (`replace_files`).
+    """
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"{target}: exists and is not a folder")
+    if target.is_dir() and not force and not _holds_model(target):
+        raise UsageError(f"{target}: folder is not empty and holds no model (pass --force to add the model's files to it)")
     try:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save(str(tmp / "tokenizer.json"))
-        for path in [tmp, *tmp.iterdir()]:
-            usual_mode(path)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        replace_files(target, files)
+    except OSError as exc:
+        raise CalmError(f"{target}: cannot write the model ({exc.strerror or exc})") from None
+
+
+def _holds_model(folder: Path) -> bool:
+    """Empty, or a model folder: one with config.json, or one a save into it was interrupted in."""
+    return not any(folder.iterdir()) or current_file(folder, "config.json").is_file()
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """What `calm info` prints: the config, K, parameter counts per part, dtype and file format."""
     directory = _check_dir(path)
-    raw = read_json(directory / "config.json")
+    raw = read_json(current_file(directory, "config.json"))
     if "TokenTransformer" in (raw.get("architectures") or []):
 
         baseline = load_baseline(directory)
@@ -329,12 +349,18 @@ def is_baseline(config: dict[str, Any]) -> bool:
 
 def is_baseline_dir(directory: Path) -> bool:
     """True for a model directory written by `save_baseline` (False when it has no config.json)."""
-    return (directory / "config.json").is_file() and is_baseline(read_json(directory / "config.json"))
+    return current_file(directory, "config.json").is_file() and is_baseline(read_json(current_file(directory, "config.json")))
 
 
-def save_baseline(model: TokenTransformer, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write config.json, model.safetensors and tokenizer.json atomically (see `write_directory`)."""
+def save_baseline(model: TokenTransformer, directory: str | os.PathLike, dtype: torch.dtype | None = None, force: bool = False) -> Path:
+    """Write config.json, model.safetensors and tokenizer.json into `directory` (see `write_directory`)."""
     target = Path(directory).expanduser()
+    write_directory(target, baseline_files(model, dtype), force=force)
+    return target
+
+
+def baseline_files(model: TokenTransformer, dtype: torch.dtype | None = None) -> dict[str, FileWriter]:
+    """The writers of a token-level baseline's files in our layout."""
     config = config_to_dict(model.config)
     config.pop("ae_path", None)
     config["architectures"] = [ARCHITECTURE]
@@ -342,9 +368,7 @@ def save_baseline(model: TokenTransformer, directory: str | os.PathLike, dtype: 
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
         for k, v in model.state_dict().items()
     }
-    config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    write_directory(target, config, state, model.tokenizer)
-    return target
+    return model_files(config, state, model.tokenizer)
 
 
 def load_baseline(
@@ -358,13 +382,13 @@ def load_baseline(
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise UsageError(f"{directory}: no such model directory")
-    raw = read_json(directory / "config.json")
+    raw = read_json(current_file(directory, "config.json"))
     if not is_baseline(raw):
         raise CalmError(f"{directory}: config.json does not describe a {ARCHITECTURE} model")
-    model = TokenTransformer(config_from_dict(CALMConfig, raw, str(directory / "config.json")))
+    model = TokenTransformer(config_from_dict(CALMConfig, raw, str(current_file(directory, "config.json"))))
     tensors, _ = read_state_dict(directory)
     load_weights(model, tensors, str(directory))
-    tok_path = Path(tokenizer).expanduser() if tokenizer else directory / "tokenizer.json"
+    tok_path = Path(tokenizer).expanduser() if tokenizer else current_file(directory, "tokenizer.json")
     if tok_path.exists():
         model.tokenizer = load_tokenizer(tok_path)
         if tokenizer_vocab_size(model.tokenizer) > model.config.vocab_size:

@@ -27,8 +27,11 @@ in float32 (Sterbenz), so their norms are known, not just bounded by u |h|: typi
    reduction is switched off (done here).  ``_accumulates_in_float32`` checks it once per device
    type on a probe that bf16 accumulation fails, and the decoder stays dense if it does not hold.
 4. The dense float32 score f_v of any summation order is within g32 |h| |w_v| of h . w_v,
-   g32 = 2H 2^-24 / (1 - 2H 2^-24) (product and sum each rounded).  With TF32 matmul allowed on
-   CUDA the dense path rounds its inputs to 11 bits: 2^-9 |h| |w_v| more.
+   g32 = 2H 2^-24 / (1 - 2H 2^-24) (product and sum each rounded).  That holds only for IEEE
+   float32 products: TF32 (CUDA) or bf16 (oneDNN on CPUs with bf16 units) round the inputs far
+   more coarsely.  Every float32 matmul here (the reference scores, the dense rows) therefore
+   runs under ``ieee_float32``, whatever ``torch.set_float32_matmul_precision`` or the
+   ``fp32_precision`` settings say, so the reference is the true float32 argmax.
 
 So |s~_v - f_v| <= E_v = |dh| |w_v| + |h^| |dw_v| + g (1 + u) |h^| |w_v| + g32 |h| |w_v| + tau,
 where tau = 2^-120 (H + sqrt(H) (|h| + max |w_v|)) absorbs underflow (subnormals rounded or
@@ -55,7 +58,7 @@ The same bounds say which columns can still be the dense argmax: those with
 max(b_v, 0) / (1 - u) + max_v E_v >= b1 / (1 + u) - E_v1, usually two or three.  Each tile of
 the vocabulary holding one of them contributes its bf16 winner (which is then that candidate);
 a tile holding two or more (its bf16 runner-up passes the test too) is scored whole in float32
-for those rows.  Our float32 scores and the dense path's are each within g32 |h| |w_v| (+ TF32)
+for those rows.  Our float32 scores and the dense path's are each within g32 |h| |w_v|
 + tau of the exact ones, so a best candidate ahead of every other by more than twice that is
 the dense argmax.  Rows still open after that (float32 near-ties, exact duplicates, rows with
 no positive score) are decoded as a dense float32 row.
@@ -98,7 +101,6 @@ from ..models.autoencoder import Autoencoder
 BF16_UNIT = 2.0**-8
 ACCUMULATION_UNIT = 2.0**-22
 FLOAT32_UNIT = 2.0**-24
-TF32_INPUT = 2.0**-9 + 2.0**-20  # both inputs of a product rounded or truncated to 11 bits: 2 * 2^-10 + 2^-20
 SAFETY = 1.0 + 1e-6
 MIN_KEY = -(2**15)
 TILE = {"cuda": 32768}  # vocabulary columns per tile; other devices use DEFAULT_TILE (cache-sized)
@@ -133,6 +135,23 @@ def _float32_accumulation(device: torch.device) -> Iterator[None]:
         yield
     finally:
         matmul.allow_bf16_reduced_precision_reduction = previous
+
+
+@contextlib.contextmanager
+def ieee_float32(device: torch.device) -> Iterator[None]:
+    """Float32 matmuls on `device` in full IEEE precision for the block, whatever the user set.
+
+    The backend's own ``fp32_precision`` overrides both the global one and
+    ``torch.set_float32_matmul_precision``; reading and writing it never raises, unlike the
+    legacy ``allow_tf32`` once the new API has been used.
+    """
+    backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul
+    previous = backend.fp32_precision
+    backend.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        backend.fp32_precision = previous
 
 
 _PROBED: dict[str, bool] = {}
@@ -236,13 +255,13 @@ class RowNorms:
         return cls(hidden.double().norm(dim=-1), rounded.double().norm(dim=-1), (rounded.float() - hidden).double().norm(dim=-1))
 
 
-def score_error(norms: RowNorms, prepared: PreparedWeight, size: int, column: Tensor | None, tf32_reference: bool) -> Tensor:
+def score_error(norms: RowNorms, prepared: PreparedWeight, size: int, column: Tensor | None) -> Tensor:
     """E_v of the module docstring: how far the float32 accumulator of the bf16 path can be from the dense score.
 
     For each row's ``column`` [M], or the bound over all columns when ``column`` is None.
     """
     u, g, g32 = BF16_UNIT, accumulation_error(size), float32_error(size)
-    per_norm = norms.error + g * (1 + u) * norms.rounded + (g32 + (TF32_INPUT if tf32_reference else 0.0)) * norms.h
+    per_norm = norms.error + g * (1 + u) * norms.rounded + g32 * norms.h
     w_norm = prepared.max_norm if column is None else prepared.norms[column]
     w_rounding = prepared.max_rounding if column is None else prepared.rounding[column]
     return per_norm * w_norm + norms.rounded * w_rounding + _underflow(norms, prepared, size)
@@ -253,7 +272,7 @@ def _underflow(norms: RowNorms, prepared: PreparedWeight, size: int) -> Tensor:
     return 2.0**-120 * (size + math.sqrt(size) * (norms.h + prepared.max_norm))
 
 
-def decide(hidden: Tensor, weight: Tensor, prepared: PreparedWeight, tf32_reference: bool = False) -> Decision:
+def decide(hidden: Tensor, weight: Tensor, prepared: PreparedWeight) -> Decision:
     """Settle the argmax of every row of float32 ``hidden`` [M, H] that the bounds allow.
 
     A row's candidates are the columns whose float32 score could still be the largest (upper
@@ -271,8 +290,8 @@ def decide(hidden: Tensor, weight: Tensor, prepared: PreparedWeight, tf32_refere
     best, tile_of = scan.first.max(0)
     column = scan.where.gather(0, tile_of.unsqueeze(0)).squeeze(0)
     norms = RowNorms.of(hidden, rounded)
-    e_winner = score_error(norms, prepared, size, column, tf32_reference)
-    e_max = score_error(norms, prepared, size, None, tf32_reference)
+    e_winner = score_error(norms, prepared, size, column)
+    e_max = score_error(norms, prepared, size, None)
     # Candidates v: max(b_v, 0) / (1 - u) + e_max >= b_1 / (1 + u) - e_winner (the winner's lower bound).
     u = BF16_UNIT
     threshold = (1 - u) * (_values(best) / (1 + u) - SAFETY * (e_winner + e_max))
@@ -285,8 +304,8 @@ def decide(hidden: Tensor, weight: Tensor, prepared: PreparedWeight, tf32_refere
     if contested.numel():
         scores, columns = _candidate_scores(hidden, weight, scan, candidate, crowded, contested, tile)
         top, at = scores.topk(2, dim=0)
-        # Ours and the dense evaluation are each within (g32 [+ TF32, which F.linear obeys too]) |h| |w| + tau of exact.
-        apart = 2 * (float32_error(size) + (TF32_INPUT if tf32_reference else 0.0)) * norms.h * prepared.max_norm
+        # Ours and the dense evaluation are each within g32 |h| |w| + tau of exact (both IEEE float32).
+        apart = 2 * float32_error(size) * norms.h * prepared.max_norm
         margin = 2 * (apart + 2 * _underflow(norms, prepared, size))[contested]
         clear = top[0] - top[1] > SAFETY * margin
         winners = contested[clear]
@@ -355,16 +374,18 @@ class FastCandidateDecoder:
         if not self._use_bf16(flat, weight):
             self.stats.rows += flat.shape[0]
             self.stats.dense += flat.shape[0]
-            return F.linear(hidden, weight).argmax(-1)
+            with ieee_float32(weight.device):
+                return F.linear(hidden, weight).argmax(-1)
         return self.argmax(flat, weight).reshape(hidden.shape[:-1])
 
     def argmax(self, hidden: Tensor, weight: Tensor) -> Tensor:
         """``F.linear(hidden, weight).argmax(-1)`` for float32 ``hidden`` [M, H], settled by ``decide``."""
-        decision = decide(hidden, weight, self.prepared(weight), _tf32_reference(hidden.device))
-        dense = decision.dense.nonzero().squeeze(1)
-        column = decision.column
-        if dense.numel():
-            column[dense] = F.linear(hidden[dense], weight).argmax(-1)
+        with ieee_float32(hidden.device):
+            decision = decide(hidden, weight, self.prepared(weight))
+            dense = decision.dense.nonzero().squeeze(1)
+            column = decision.column
+            if dense.numel():
+                column[dense] = F.linear(hidden[dense], weight).argmax(-1)
         self.stats.rows += hidden.shape[0]
         self.stats.rescored += int(decision.rescored.sum())
         self.stats.dense += dense.numel()
@@ -389,8 +410,3 @@ class FastCandidateDecoder:
             self._dense_calls_left -= 1
             return False
         return _accumulates_in_float32(weight.device)
-
-
-def _tf32_reference(device: torch.device) -> bool:
-    """Whether the dense float32 matmul on this device may itself round its inputs to TF32."""
-    return device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32

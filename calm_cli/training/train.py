@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -32,14 +31,17 @@ from torch import nn
 
 from ..errors import CalmError, UsageError
 from ..eval.brier import brier_from_samples, brier_lm
+from ..io.atomic import current_file
 from ..io.checkpoint import (
     TIED_AE_KEY,
+    FileWriter,
+    baseline_files,
+    calm_files,
     load_autoencoder,
     load_baseline,
     load_model,
     load_weights,
-    save_baseline,
-    save_model,
+    model_files,
     write_directory,
 )
 from ..models.autoencoder import Autoencoder
@@ -150,12 +152,12 @@ class AutoencoderObjective(nn.Module):
     def trainable(self) -> nn.Module:
         return self.model
 
-    def save(self, directory: Path) -> None:
+    def files(self) -> dict[str, FileWriter]:
+        """The autoencoder's checkpoint files (its tied head is not stored twice)."""
         config = config_to_dict(self.model.config)
         config["architectures"] = ["Autoencoder"]
         state = {k: v.contiguous().cpu() for k, v in self.model.state_dict().items() if k != TIED_AE_KEY}
-        config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-        write_directory(directory, config, state, getattr(self.model, "tokenizer", None))
+        return model_files(config, state, getattr(self.model, "tokenizer", None))
 
 
 class CALMObjective(nn.Module):
@@ -196,8 +198,8 @@ class CALMObjective(nn.Module):
     def trainable(self) -> nn.Module:
         return nn.ModuleList([self.model.transformer, self.model.embed_proj, self.model.generative_head])
 
-    def save(self, directory: Path) -> None:
-        save_model(self.model, directory)
+    def files(self) -> dict[str, FileWriter]:
+        return calm_files(self.model)
 
 
 class BaselineObjective(nn.Module):
@@ -221,8 +223,8 @@ class BaselineObjective(nn.Module):
     def trainable(self) -> nn.Module:
         return self.model
 
-    def save(self, directory: Path) -> None:
-        save_baseline(self.model, directory)
+    def files(self) -> dict[str, FileWriter]:
+        return baseline_files(self.model)
 
 
 # ---------------------------------------------------------------------------------------
@@ -395,11 +397,9 @@ STATE_FILE = "trainer_state.pt"
 
 
 def checkpoint_dir(out: Path) -> Path | None:
-    """The newest complete checkpoint in `out` (the previous one if a swap was interrupted)."""
-    for name in ("checkpoint", ".checkpoint.old"):
-        if (out / name / STATE_FILE).exists():
-            return out / name
-    return None
+    """OUT/checkpoint when it holds a complete checkpoint (a save killed midway leaves the previous one)."""
+    directory = out / "checkpoint"
+    return directory if current_file(directory, STATE_FILE).exists() else None
 
 
 def saved_options(out: Path) -> dict[str, Any]:
@@ -407,21 +407,20 @@ def saved_options(out: Path) -> dict[str, Any]:
     directory = checkpoint_dir(Path(out).expanduser())
     if directory is None:
         return {}
-    return dict(torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True).get("options", {}))
+    return dict(_load_state(directory).get("options", {}))
+
+
+def _load_state(directory: Path) -> dict[str, Any]:
+    return torch.load(current_file(directory, STATE_FILE), map_location="cpu", weights_only=True)
 
 
 def _save(out: Path, objective: nn.Module, state: dict[str, Any]) -> Path:
-    """Build the new checkpoint beside the old one, then swap them with renames."""
-    staging, final, old = out / ".checkpoint.new", out / "checkpoint", out / ".checkpoint.old"
-    shutil.rmtree(staging, ignore_errors=True)
-    objective.save(staging)
-    torch.save(state, staging / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(staging, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    """Replace the model files and the trainer state in OUT/checkpoint as one change, keeping other files there."""
+    directory = out / "checkpoint"
+    files = objective.files()
+    files[STATE_FILE] = lambda path: torch.save(state, path)
+    write_directory(directory, files, force=True)
+    return directory
 
 
 def _trim_log(path: Path, step: int) -> None:
@@ -530,7 +529,7 @@ def _run(
     state: dict[str, Any] | None = None
     if existing is not None:
         model = _load_checkpoint_model(kind, existing)
-        state = torch.load(existing / STATE_FILE, map_location="cpu", weights_only=True)
+        state = _load_state(existing)
     else:
         if config is None:
             raise UsageError("a fresh run needs a model config")
