@@ -338,11 +338,11 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
                 if include_usage:
                     yield {"data": json.dumps({**chunk(0, None, None), "choices": [], "usage": usage(prompts, choices)})}
                 yield {"data": "[DONE]"}
-                finished(endpoint, rid, started, prompts, choices)
-            finally:
+            finally:  # also when the client went away (the task is cancelled)
                 for choice in choices:
                     if choice.finish_reason is None:
                         worker.cancel(choice.request, "cancelled")
+                finished(endpoint, rid, started, prompts, choices)
 
         return EventSourceResponse(events(), ping=15)
 
@@ -368,9 +368,10 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
 
             opening = [chunk(i, echo[i], None) for i in range(len(choices)) if echo[i]]
             return stream_response("completions", rid, started, prompts, choices, updates, include, chunk, opening)
-        if not await collect(http, choices, updates, chat=False):
-            return Response(status_code=499)
+        complete = await collect(http, choices, updates, chat=False)
         finished("completions", rid, started, prompts, choices)
+        if not complete:
+            return Response(status_code=499)  # the client is gone; nobody reads this
         return {**head, "choices": [
             {"index": i, "text": echo[i] + c.text, "finish_reason": c.finish_reason, "logprobs": None}
             for i, c in enumerate(choices)
@@ -401,9 +402,10 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
                 for i in range(len(choices))
             ]
             return stream_response("chat", rid, started, prompts, choices, updates, include, chunk, opening)
-        if not await collect(http, choices, updates, chat=True):
-            return Response(status_code=499)
+        complete = await collect(http, choices, updates, chat=True)
         finished("chat", rid, started, prompts, choices)
+        if not complete:
+            return Response(status_code=499)  # the client is gone; nobody reads this
         return {**head, "object": "chat.completion", "choices": [
             {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
              "logprobs": None}
