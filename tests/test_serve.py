@@ -20,6 +20,7 @@ from helpers import calm_command
 MODEL = "tests/fixtures/official-tiny/calm"
 NAME = "calm"  # the fixture folder's name, which the server uses as the model id
 OK = {"length", "stop"}
+SLOW = {"ignore_eos": True, "temperature": 0.5, "samples": 4096}  # a stream that lasts seconds: it fills the context slowly
 
 
 def _free_port() -> int:
@@ -174,7 +175,7 @@ def test_api_key_is_required_when_set() -> None:
 def test_full_queue_is_429_and_a_dropped_stream_frees_its_slot() -> None:
     with server("--max-batch", "1", "--max-queue", "0") as (base, proc):
         with httpx.stream("POST", f"{base}/v1/completions", timeout=60,
-                          json={"model": NAME, "prompt": "Go on", "max_tokens": 100000, "stream": True}) as stream:
+                          json={"model": NAME, "prompt": "Go on", "max_tokens": 100000, "stream": True, **SLOW}) as stream:
             lines = stream.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))
             with pytest.raises(openai.RateLimitError):
@@ -193,6 +194,7 @@ def test_sigint_ends_a_stream_in_flight_and_exits_0() -> None:
     with server() as (base, proc):
         with httpx.stream("POST", f"{base}/v1/chat/completions", timeout=60, json={
             "model": NAME, "messages": [{"role": "user", "content": "Talk"}], "max_tokens": 100000, "stream": True,
+            **SLOW,
         }) as stream:
             lines = stream.iter_lines()
             next(line for line in lines if line.startswith("data:"))

@@ -135,6 +135,7 @@ class Engine:
         self.steps = 0
         self.step_s = 0.0  # time in decode steps, summed
         self._waiting: deque[Request] = deque()
+        self._live: dict[int, Request] = {}  # submitted and not finished, wherever they are
         self._lock = threading.Lock()
         self._step = torch.compile(self.runner.step, dynamic=True) if compile else self.runner.step
 
@@ -152,6 +153,7 @@ class Engine:
         request = Request(prompt, settings, seed, on_update=on_update)
         with self._lock:
             self._waiting.append(request)
+            self._live[request.id] = request
         return request
 
     def cancel(self, request: Request, reason: str = "cancelled") -> None:
@@ -162,8 +164,8 @@ class Engine:
     def cancel_all(self, reason: str = "cancelled") -> None:
         """Cancel every request, running or waiting (a server shutting down, a failed step)."""
         with self._lock:
-            waiting = list(self._waiting)
-        for request in [*waiting, *(r for r in self.slots if r is not None)]:
+            live = list(self._live.values())
+        for request in live:
             self.cancel(request, reason)
 
     @property
@@ -226,6 +228,7 @@ class Engine:
         for request in gone:
             request.finish_reason, request.finished = request.cancel_reason, time.perf_counter()
             updates.append(Update(request, [], request.finish_reason))
+            self._forget(request)
         return updates
 
     def _admit(self, updates: list[Update]) -> None:
@@ -297,7 +300,12 @@ class Engine:
         request = self.slots[slot]
         request.finish_reason, request.finished = reason, time.perf_counter()
         self.slots[slot], self.lengths[slot], self.prefixes[slot] = None, 0, None
+        self._forget(request)
         return Update(request, new, reason)
+
+    def _forget(self, request: Request) -> None:
+        with self._lock:
+            self._live.pop(request.id, None)
 
     @staticmethod
     def _deliver(updates: list[Update]) -> list[Update]:

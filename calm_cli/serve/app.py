@@ -7,7 +7,8 @@ OpenAI's shape {"error": {"message", "type", "param", "code"}}.
 
 What CALM changes: `temperature` is in [0, 1] (CALM samples T = 1/n by rejection from a
 sampler with no likelihoods, so it cannot flatten beyond T = 1); `logprobs` are refused
-for the same reason; `samples` and `sampler` are CALM's own extras. With `n` > 1 and a
+for the same reason; `samples` and `sampler` are CALM's own extras, and `ignore_eos`
+(as in vLLM) gives a fixed number of tokens for benchmarks. With `n` > 1 and a
 `seed`, choice i uses seed + i, so choices differ and each is reproducible on its own.
 """
 
@@ -52,6 +53,7 @@ log = logging.getLogger("calm.serve")
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}
 MAX_CHOICES = 16
 MAX_STOPS = 4
+SHUTDOWN_GRACE_S = 3.0  # below uvicorn's graceful-shutdown limit (5 s) in cli/serve.py
 
 
 class ApiError(Exception):
@@ -85,6 +87,7 @@ class Options(BaseModel):
     logprobs: bool | int | None = None
     samples: int | None = Field(None, ge=1, le=4096)
     sampler: Literal["approx", "exact"] | None = None
+    ignore_eos: bool = False  # as in vLLM: a fixed number of tokens, for benchmarks
 
 
 class CompletionBody(Options):
@@ -234,6 +237,7 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
             num_samples=body.samples or config.defaults.num_samples,
             sampler=body.sampler or config.defaults.sampler,
             seed=body.seed,
+            ignore_eos=body.ignore_eos,
         )
         return [base if body.seed is None else replace(base, seed=(body.seed + i) % (MAX_SEED + 1)) for i in range(body.n)]
 
@@ -344,7 +348,8 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
                         worker.cancel(choice.request, "cancelled")
                 finished(endpoint, rid, started, prompts, choices)
 
-        return EventSourceResponse(events(), ping=15)
+        # On shutdown the requests are cancelled first; the grace period lets their streams end with a last chunk.
+        return EventSourceResponse(events(), ping=15, shutdown_grace_period=SHUTDOWN_GRACE_S)
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: CompletionBody, http: Request) -> Any:
