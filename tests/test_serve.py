@@ -204,3 +204,30 @@ def test_sigint_ends_a_stream_in_flight_and_exits_0() -> None:
         assert proc.wait(timeout=10) == 0 and time.time() - started < 8
         finals = [json.loads(line[5:]) for line in rest if line != "data: [DONE]"]
         assert finals and finals[-1]["choices"][0]["finish_reason"] == "abort"
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+ANY = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True), st.text(max_size=8),
+                st.lists(st.text(max_size=4), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "seed", "stop", "n", "stream", "samples", "sampler",
+          "stream_options", "logprobs", "echo", "ignore_eos"]
+
+
+@settings(max_examples=int(os.environ.get("CALM_FUZZ_EXAMPLES", "40")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(endpoint=st.sampled_from(["completions", "chat/completions"]),
+       body=st.dictionaries(st.sampled_from(FIELDS), ANY, max_size=6), valid_model=st.booleans())
+def test_fuzzed_bodies_get_an_answer_never_a_server_error(live: str, endpoint: str, body: dict, valid_model: bool) -> None:
+    if valid_model:
+        body["model"] = NAME
+    if isinstance(body.get("max_tokens"), int):
+        body["max_tokens"] = min(body["max_tokens"], 8)  # keep each case short; the type checks still run
+    body["stream"] = False
+    r = httpx.post(f"{live}/v1/{endpoint}", content=json.dumps(body, allow_nan=True), timeout=60,
+                   headers={"content-type": "application/json"})
+    assert r.status_code in (200, 400, 404, 429), r.text
+    if r.status_code != 200:
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
