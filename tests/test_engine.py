@@ -149,20 +149,46 @@ def test_budgets_finish_reasons_and_slot_reuse() -> None:
     assert later.finish_reason == "length" and len(later.tokens) == 4 and later.started >= short.finished
 
 
-def test_eos_ends_a_row_and_pad_is_dropped_only_when_configured() -> None:
+def test_eos_ends_a_row_and_eos_past_the_budget_is_length() -> None:
     model = _token_model()
     tokens = decode_all(Engine(model, max_batch=1), [[5, 6]], GenerationSettings(max_tokens=40, temperature=0.0))[0]
     eos = tokens[3]
-    model.config.eos_token_id, model.config.pad_token_id = eos, None
+    model.config.eos_token_id = eos
     engine = Engine(model, max_batch=1)
-    request = engine.submit([5, 6], GenerationSettings(max_tokens=40, temperature=0.0))
+    ended = engine.submit([5, 6], GenerationSettings(max_tokens=40, temperature=0.0))
+    cut = engine.submit([5, 6], GenerationSettings(max_tokens=3, temperature=0.0))
     for _ in engine.run():
         pass
-    assert request.finish_reason == "eos" and request.tokens == tokens[: tokens.index(eos)]
-    model.config.eos_token_id, model.config.pad_token_id = None, 0  # token 0 is text unless a config says it is padding
-    calm = _calm(2, eos=None, pad=None)
-    out = decode_all(Engine(calm, max_batch=1), [[0, 0, 0, 0]], GenerationSettings(max_tokens=30, temperature=1.0, seed=9))
-    assert len(out[0]) == 30
+    assert ended.finish_reason == "eos" and ended.tokens == tokens[: tokens.index(eos)]
+    assert cut.finish_reason == "length" and cut.tokens == tokens[:3]
+
+
+@pytest.mark.parametrize(("pad", "kept"), [(2, False), (None, True)])
+def test_padding_in_a_calm_chunk_is_dropped_only_when_the_config_names_it(monkeypatch, pad: int | None, kept: bool) -> None:
+    engine = Engine(_calm(2, eos=None, pad=pad), max_batch=1)
+    monkeypatch.setattr(engine.runner, "sample", lambda hidden, *_: torch.tensor([[2, 7]] * hidden.shape[0]))
+    request = engine.submit([5, 6], GenerationSettings(max_tokens=4, temperature=1.0, seed=1))
+    for _ in engine.run():
+        pass
+    assert request.tokens == ([2, 7, 2, 7] if kept else [7, 7, 7, 7])
+
+
+def test_token_model_keeps_a_drawn_pad_token(monkeypatch) -> None:
+    engine = Engine(_token_model(), max_batch=1)  # its config names PAD 2
+    monkeypatch.setattr(engine.runner, "sample", lambda hidden, *_: torch.full((hidden.shape[0], 1), 2))
+    assert decode_all(engine, [[5, 6]], GenerationSettings(max_tokens=3, temperature=1.0, seed=1)) == [[2, 2, 2]]
+
+
+def test_exact_sampler_after_leftover_tokens_is_the_same_alone_and_batched() -> None:
+    """Rows drawing conditioned pools must not move each other's streams, however many rounds each needs."""
+    model = _calm(4, eos=None)
+    prompts = [[9, 10, 11, 12, 13], [9, 10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 40, 41, 42], [5, 5, 5, 5, 95]]
+    for seed in range(4):
+        settings = [GenerationSettings(max_tokens=8, temperature=0.5, sampler="exact", num_samples=16, seed=seed * 10 + i)
+                    for i in range(len(prompts))]
+        together = decode_all(Engine(model, max_batch=4), prompts, settings)
+        alone = [decode_all(Engine(model, max_batch=1), [p], s)[0] for p, s in zip(prompts, settings)]
+        assert together == alone
 
 
 def test_cancel_frees_the_slot_at_the_next_step() -> None:

@@ -105,6 +105,18 @@ def test_chat_plain_and_streamed(live: str) -> None:
     assert len({ch.id for ch in chunks}) == 1
 
 
+def test_stop_string_cuts_the_text_and_its_tokens_are_not_counted(live: str) -> None:
+    c = client(live)
+    same = {"model": NAME, "prompt": "Once", "max_tokens": 40, "seed": 5, "temperature": 1.0, "extra_body": {"ignore_eos": True}}
+    full = c.completions.create(**same)
+    text = full.choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop and stop.strip()
+    cut = c.completions.create(**same, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == text[: text.index(stop)]
+    assert cut.usage.completion_tokens < full.usage.completion_tokens
+
+
 def test_n_choices_differ_and_each_is_reproducible(live: str) -> None:
     c = client(live)
     many = c.completions.create(model=NAME, prompt="The", max_tokens=16, seed=11, temperature=1.0, n=3)

@@ -8,9 +8,11 @@ the next request at the next step (continuous batching).
 
 A step samples the next chunk of every busy slot from its hidden state, one call of the
 temperature rule per group of rows that share settings, then feeds all chunks back
-through the backbone at once. The only host synchronisation is the transfer of the
-chosen token ids that the step hands out (plus, on a request's first step after a prompt
-with leftover tokens, one check for rows with no matching candidate). Each request has
+through the backbone at once; slot positions live on the device. The engine's own host
+synchronisation is the transfer of the chosen token ids that the step hands out; the
+samplers add theirs where the work is data-dependent (the fast candidate decoder's
+rescoring, the exact sampler's rounds, a first chunk after leftover prompt tokens with no
+matching candidate). Each request has
 its own random stream from its own seed (`RowRandom`), so its output depends on its
 prompt, settings and seed, not on what else is in the batch.
 
@@ -46,6 +48,10 @@ PREFILL_PIECE = 256  # steps of a prompt prefilled per backbone call: bounds pre
 SPAN_QUANTUM = 64  # attention reads the cache up to the longest row, rounded up to this
 DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 64}
 _ids = itertools.count(1)
+
+
+class PromptTooLong(UsageError):
+    """The prompt leaves no room in the model's context."""
 
 
 def default_max_batch(device: torch.device) -> int:
@@ -129,7 +135,10 @@ class Engine:
             torch.zeros(self.max_batch, dtype=torch.long, device=self.device),
         )
         self.slots: list[Request | None] = [None] * self.max_batch
-        self.lengths = [0] * self.max_batch  # steps in each slot's cache
+        self.lengths = [0] * self.max_batch  # steps in each slot's cache, on the host
+        self.write_at = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)  # the same, on the device
+        self.busy_mask = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
         self.prefixes: list[list[int] | None] = [None] * self.max_batch
         self.sampling = SamplingStats()
         self.steps = 0
@@ -148,7 +157,7 @@ class Engine:
         check_settings(settings)
         prompt = self._framed(prompt)
         if len(prompt) // self.k >= self.context:
-            raise UsageError(f"prompt is {len(prompt)} tokens; the model's context is {self.context * self.k} tokens")
+            raise PromptTooLong(f"prompt is {len(prompt)} tokens; the model's context is {self.context * self.k} tokens")
         seed = settings.seed if settings.seed is not None else new_seed()
         request = Request(prompt, settings, seed, on_update=on_update)
         with self._lock:
@@ -188,28 +197,48 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Update]:
-        """Retire cancelled requests, admit waiting ones, and decode one chunk for every busy slot."""
-        updates = self._retire_cancelled()
-        self._admit(updates)
-        busy = [i for i, request in enumerate(self.slots) if request is not None]
-        if not busy:
-            return self._deliver(updates)
+        """Retire cancelled requests, admit waiting ones, and decode one chunk for every busy slot.
+
+        The updates made so far are delivered even when the step fails, so no request that
+        has left its slot waits for an end that never comes.
+        """
+        updates: list[Update] = []
+        try:
+            updates += self._retire_cancelled()
+            self._admit(updates)
+            busy = [i for i, request in enumerate(self.slots) if request is not None]
+            if busy:
+                self._decode(busy, updates)
+        finally:
+            self._deliver(updates)
+        return updates
+
+    def _decode(self, busy: list[int], updates: list[Update]) -> None:
         t0 = time.perf_counter()
         rows = max(busy) + 1  # slots are filled lowest first, so this stays small when few are busy
         chosen = torch.full((rows, self.k), self.eos if self.eos is not None else 0, dtype=torch.long, device=self.device)
         for members, settings, prefixes in self._groups(busy):
-            index = torch.tensor(members, device=self.device)
+            index = self._index(members)
             chosen[index] = self.runner.sample(self.hidden[index], self.rng.rows(index), settings, self.sampling, prefixes)
-        feed = [self.lengths[i] if self.slots[i] is not None and self.lengths[i] < self.context else 0 for i in range(rows)]
-        span = min(self.context, -(-(max(feed) + 1) // SPAN_QUANTUM) * SPAN_QUANTUM)
-        lengths = torch.tensor(feed, dtype=torch.long, device=self.device)
-        self.hidden[:rows] = self._step(self.cache, chosen, lengths, span)
-        tokens = chosen.tolist()  # the step's one host synchronisation
+        span = min(self.context, -(-(max(self.lengths[i] for i in busy) + 1) // SPAN_QUANTUM) * SPAN_QUANTUM)
+        # A row whose context is full writes over its last slot: it ends in this step, so nothing reads it.
+        at = self.write_at[:rows].clamp(max=self.context - 1)
+        self.hidden[:rows] = self._step(self.cache, chosen, at, span)
+        self.write_at[:rows] += self.busy_mask[:rows]
+        tokens = chosen.tolist()  # the step's one transfer to the host
         for i in busy:
             updates.append(self._take(i, tokens[i]))
         self.steps += 1
         self.step_s += time.perf_counter() - t0
-        return self._deliver(updates)
+
+    def _index(self, members: list[int]) -> torch.Tensor:
+        """The device index of a group of slots, made once per membership (a copy to the device is a sync on CUDA)."""
+        key = tuple(members)
+        if key not in self._indices:
+            if len(self._indices) > 256:
+                self._indices.clear()
+            self._indices[key] = torch.tensor(members, device=self.device)
+        return self._indices[key]
 
     def _framed(self, prompt: list[int]) -> list[int]:
         """A prompt the model can condition on: at least one whole step, filled with EOS in front."""
@@ -240,7 +269,14 @@ class Engine:
                 if not self._waiting:
                     return
                 request = self._waiting.popleft()
-            self._prefill(i, request)
+            try:
+                self._prefill(i, request)
+            except BaseException:
+                self.slots[i], self.lengths[i], self.prefixes[i] = None, 0, None
+                request.finish_reason, request.finished = "error", time.perf_counter()
+                self._forget(request)
+                updates.append(Update(request, [], "error"))
+                raise
 
     def _prefill(self, slot: int, request: Request) -> None:
         request.started = time.perf_counter()
@@ -260,6 +296,7 @@ class Engine:
         self.rng.keys[slot] = mix64(torch.tensor(request.seed, dtype=torch.long, device=self.device))
         self.rng.counters[slot] = 0
         self.slots[slot], self.lengths[slot] = request, whole
+        self.write_at[slot], self.busy_mask[slot] = whole, True
         leftover = request.prompt[whole * self.k :]
         self.prefixes[slot] = leftover or None
         request.first_step = time.perf_counter()
@@ -282,9 +319,11 @@ class Engine:
         reason = None
         if not settings.ignore_eos and self.eos is not None and self.eos in new:
             new, reason = new[: new.index(self.eos)], "eos"
-        if self.pad is not None and not settings.ignore_eos:
+        if self.pad is not None:
             new = [t for t in new if t != self.pad]
-        new = new[: settings.max_tokens - len(request.tokens)]
+        left = settings.max_tokens - len(request.tokens)
+        if len(new) > left:
+            new, reason = new[:left], "length"  # the budget ran out before any EOS
         request.tokens.extend(new)
         request.steps += 1
         if reason is None and len(request.tokens) >= settings.max_tokens:
@@ -300,6 +339,7 @@ class Engine:
         request = self.slots[slot]
         request.finish_reason, request.finished = reason, time.perf_counter()
         self.slots[slot], self.lengths[slot], self.prefixes[slot] = None, 0, None
+        self.write_at[slot], self.busy_mask[slot] = 0, False
         self._forget(request)
         return Update(request, new, reason)
 

@@ -189,25 +189,32 @@ class CALMRunner(Runner):
 
         def draw(n: int, rows: Tensor | None = None) -> Tensor:
             index = torch.arange(hidden.shape[0], device=hidden.device) if rows is None else rows
-            h, r, want = hidden[index], rng.rows(index), prefix[index]
+            want = prefix[index]
             out = torch.full((len(index), n, k), -1, dtype=torch.long, device=hidden.device)
             have = torch.zeros(len(index), dtype=torch.long, device=hidden.device)
             size = max(LEFTOVER_POOL, 4 * n)
+            short = torch.arange(len(index), device=hidden.device)
             for _ in range(LEFTOVER_BUDGET):
-                latents = self.latents(h, r, size)
+                # Only rows still short draw again: a row's stream must not move for its neighbours' sake.
+                drawn = short
+                latents = self.latents(hidden[index[drawn]], rng.rows(index[drawn]), size)
                 candidates = self.decode_chunks(latents)
-                match = _matches(candidates, want)
-                slot = have[:, None] + match.cumsum(1) - 1
+                match = _matches(candidates, want[drawn])
+                slot = have[drawn, None] + match.cumsum(1) - 1
                 take = match & (slot < n)
                 row, column = take.nonzero(as_tuple=True)
-                out[row, slot[row, column]] = candidates[row, column]
-                have = (have + match.sum(1)).clamp(max=n)
-                if bool((have >= n).all()):
+                out[drawn[row], slot[row, column]] = candidates[row, column]
+                have[drawn] = (have[drawn] + match.sum(1)).clamp(max=n)
+                short = drawn[have[drawn] < n]
+                if short.numel() == 0:
                     return out
-            short = (have < n).nonzero().squeeze(1)
             stats.fallbacks += short.numel()
-            best = self._prefix_scores(latents[short], want[short]).argmax(-1)
-            fallback = torch.where((have[short] > 0)[:, None], out[short, 0], candidates[short, best])
+            fallback = out[short, 0]
+            none = (have[short] == 0).nonzero().squeeze(1)
+            if none.numel():  # never a match: the last pool's candidate that explains the leftover best
+                pool = torch.searchsorted(drawn, short[none])
+                scores = self._prefix_scores(latents[pool], want[short[none]])
+                fallback[none] = candidates[pool, scores.argmax(-1)]
             out[short] = fallback[:, None].expand(-1, n, -1)
             return out
 

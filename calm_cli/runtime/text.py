@@ -151,7 +151,7 @@ def stream_requests(
                 if delta is not None:
                     left -= delta[1] is not None
                     yield TextDelta(row, *delta)
-            stats.completion_tokens = [len(r.tokens) for r in requests]
+            stats.completion_tokens = [len(s.ids) for s in streams]  # a stop string freezes a row's count
             stats.steps = max(r.steps for r in requests)
             stats.prefill_s = sum(r.prefill_s for r in requests)
             stats.decode_s = time.perf_counter() - t0 - stats.prefill_s

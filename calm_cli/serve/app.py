@@ -42,8 +42,8 @@ from tokenizers import Tokenizer
 from ..errors import UsageError
 from ..io.tokenizer import encode
 from ..runtime.chat import DEFAULT_TEMPLATE, Conversation, Template, Turn
+from ..runtime.engine import PromptTooLong, Update
 from ..runtime.engine import Request as EngineRequest
-from ..runtime.engine import Update
 from ..runtime.rng import MAX_SEED
 from ..runtime.settings import GenerationSettings
 from ..runtime.text import TextStream
@@ -53,6 +53,7 @@ log = logging.getLogger("calm.serve")
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}
 MAX_CHOICES = 16
 MAX_STOPS = 4
+DISCONNECT_CHECK_S = 0.1  # how often a non-streaming handler asks whether its client is still there
 SHUTDOWN_GRACE_S = 3.0  # below uvicorn's graceful-shutdown limit (5 s) in cli/serve.py
 
 
@@ -159,6 +160,11 @@ class Choice:
     stream: TextStream
     text: str = ""
     finish_reason: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the client got: a stop string freezes the count, though the engine may have drawn more."""
+        return len(self.stream.ids)
 
 
 def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
@@ -271,8 +277,8 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
         except UsageError as exc:
             for choice in choices:
                 worker.cancel(choice.request)
-            raise ApiError(400, str(exc), param="prompt" if endpoint == "completions" else "messages",
-                           code="context_length_exceeded") from None
+            code = "context_length_exceeded" if isinstance(exc, PromptTooLong) else "invalid_value"
+            raise ApiError(400, str(exc), param="prompt" if endpoint == "completions" else "messages", code=code) from None
         return choices, updates
 
     def advance(choices: list[Choice], update: Update, chat: bool) -> tuple[int, str] | None:
@@ -295,30 +301,32 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
 
     def usage(prompts: list[list[int]], choices: list[Choice]) -> dict[str, int]:
         prompt_tokens = sum(len(p) for p in prompts)
-        completion = sum(len(c.request.tokens) for c in choices)
+        completion = sum(c.tokens for c in choices)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
     def finished(endpoint: str, rid: str, started: float, prompts: list[list[int]], choices: list[Choice]) -> None:
         for choice in choices:
             metrics.requests.labels(endpoint, choice.finish_reason or "abort").inc()
-            metrics.completion_tokens.inc(len(choice.request.tokens))
+            metrics.completion_tokens.inc(choice.tokens)
         metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         seconds = time.perf_counter() - started
         metrics.request_seconds.observe(seconds)
         log.info("%s %s prompt=%d completion=%d time=%.2fs finish=%s", rid, endpoint, sum(len(p) for p in prompts),
-                 sum(len(c.request.tokens) for c in choices), seconds, ",".join(c.finish_reason or "abort" for c in choices))
+                 sum(c.tokens for c in choices), seconds, ",".join(c.finish_reason or "abort" for c in choices))
 
     async def collect(http: Request, choices: list[Choice], updates: asyncio.Queue[Update], chat: bool) -> bool:
         """Wait for every choice to finish; False (and the requests cancelled) if the client went away."""
+        checked = time.perf_counter()
         try:
             while any(c.finish_reason is None for c in choices):
                 try:
-                    update = await asyncio.wait_for(updates.get(), timeout=0.25)
+                    advance(choices, await asyncio.wait_for(updates.get(), timeout=DISCONNECT_CHECK_S), chat)
                 except asyncio.TimeoutError:
+                    pass
+                if time.perf_counter() - checked >= DISCONNECT_CHECK_S:  # on a clock: updates may never pause
+                    checked = time.perf_counter()
                     if await http.is_disconnected():
                         return False
-                    continue
-                advance(choices, update, chat)
             return True
         finally:
             for choice in choices:
