@@ -126,6 +126,21 @@ def test_n_choices_differ_and_each_is_reproducible(live: str) -> None:
     assert second.choices[0].text == texts[1]  # choice i uses seed + i
 
 
+def test_streamed_choices_and_echo(live: str) -> None:
+    c = client(live)
+    args = {"model": NAME, "prompt": "Echo me", "max_tokens": 8, "seed": 21, "temperature": 1.0, "n": 2, "echo": True}
+    plain = c.completions.create(**args)
+    streamed: dict[int, str] = {0: "", 1: ""}
+    finishes: dict[int, list] = {0: [], 1: []}
+    for chunk in c.completions.create(**args, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+            finishes[choice.index].append(choice.finish_reason)
+    assert {ch.index: ch.text for ch in plain.choices} == streamed
+    assert all(text.startswith("Echo me") for text in streamed.values())
+    assert all(f[-1] in OK and not any(f[:-1]) for f in finishes.values())
+
+
 def test_seeded_request_is_the_same_beside_concurrent_ones(live: str) -> None:
     c = client(live)
 
