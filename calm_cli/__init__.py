@@ -1,22 +1,42 @@
-"""calm: run, train, evaluate and benchmark CALM (Continuous Autoregressive Language Models)."""
+"""calm: run, train, evaluate and benchmark CALM (Continuous Autoregressive Language Models).
 
+The public names load on first use, so `import calm_cli` (and `calm --help`) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 import warnings
+from typing import Any
 
 # torch warns at import when numpy is absent; calm never needs numpy at run time.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-from .io.checkpoint import load_autoencoder, load_model, save_model
-from .runtime.engine import Engine, GenerationSettings, GenerationStats
-from .runtime.text import generate, stream_text
-
-__all__ = [
-    "Engine",
-    "GenerationSettings",
-    "GenerationStats",
-    "generate",
-    "load_autoencoder",
-    "load_model",
-    "save_model",
-    "stream_text",
-]
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Engine": "runtime.engine",
+    "GenerationSettings": "runtime.engine",
+    "GenerationStats": "runtime.engine",
+    "generate": "runtime.text",
+    "stream_text": "runtime.text",
+    "load": "io.checkpoint",
+    "load_autoencoder": "io.checkpoint",
+    "load_model": "io.checkpoint",
+    "save_model": "io.checkpoint",
+    "list_models": "io.registry",
+    "resolve_model": "io.registry",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'calm_cli' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

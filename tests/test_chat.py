@@ -196,3 +196,19 @@ def test_template_renders_the_conversation_and_its_stop_string():
     assert talk.prompt("Why?") == "Be kind.\nUser: Hi\nAssistant: Hello!\nUser: Bye\nAssistant: See you.\nUser: Why?\nAssistant:"
     assert talk.fit("Why?", len, budget=60) == 1 and talk.prompt("Why?").startswith("Be kind.\nUser: Bye")
     assert Template.parse("### Q:\n{message}\n### A:\n").answered("x", "y") == "### Q:\nx\n### A:\ny\n"
+
+
+def test_banner_tab_completion_cut_mark_and_setters_alone(chat, tmp_path):
+    child = chat("-n", "4", "--temp", "1", "--seed", "1")
+    banner = ESCAPE.sub("", child.before)
+    assert "calm · K=4 · context" in banner and "fixtures" not in banner  # the name, not the whole path
+    child.send("/te\t")
+    child.expect("/temp")
+    assert "temperature 1" in ask(child, "")  # Tab completed "/temp"; alone, it shows the value
+    assert "[… cut at 4 tokens" in ask(child, "Hello there")
+    transcript = tmp_path / "t.json"
+    ask(child, f"/save {transcript}")
+    shown = ask(child, f"/load {transcript}")
+    assert "loaded 1 turns" in shown and "you:   Hello there" in shown
+    child.sendcontrol("d")
+    assert leave(child) == 0

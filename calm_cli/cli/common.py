@@ -1,56 +1,95 @@
-"""What the command modules share: the common options, the error console, model loading and prompt reading."""
+"""What the command modules share: the common options, the error console, model loading and prompt reading.
+
+Nothing here imports torch: `calm --help` and usage errors must stay fast, so the command
+modules import torch and the runtime only inside their command functions.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
-from rich.console import Console
 
 from ..errors import UsageError
 
-err = Console(stderr=True, highlight=False)
+if TYPE_CHECKING:
+    from rich.console import Console
+
 STATE = {"debug": False}
 
-ModelOpt = typer.Option(None, "--model", "-m", help="Model directory (default: $CALM_MODEL, else the bundled weights/default).")
-TempOpt = typer.Option(0.5, "--temp", "-t", help="Temperature in [0, 1]. Default 0.5, as the CALM authors advise for fluent text; 1 draws once per step; 0 picks the most frequent of --samples draws.")
-SamplesOpt = typer.Option(200, "--samples", help="Candidate chunks drawn per step by the approximate sampler (N).")
-SamplerOpt = typer.Option("approx", "--sampler", help="Temperature sampler: approx (count repeats among N draws) or exact (rejection).")
+ModelOpt = typer.Option(
+    None, "--model", "-m", metavar="NAME|DIR",
+    help="Model name (see 'calm models') or directory. Default: $CALM_MODEL, else 'default'.",
+)
+TempOpt = typer.Option(0.5, "--temp", "-t", help="Temperature in [0, 1]; 0.5 (the authors' advice) reads fluently, 1 draws once per step.")
+SamplesOpt = typer.Option(200, "--samples", help="Candidate chunks drawn per step by the approx sampler (N).")
+SamplerOpt = typer.Option("approx", "--sampler", help="approx (count repeats among N draws) or exact (rejection).")
 CandidateDecoderOpt = typer.Option(
     "fast", "--candidate-decoder",
-    help="How candidate chunks are decoded: fast (bf16 scores with an error certificate, float32 where it cannot "
-    "decide; the same tokens as dense) or dense (float32 over the whole vocabulary, for comparison).",
+    help="fast (bf16 scores, float32 where they cannot decide; same tokens) or dense (float32, for comparison).",
 )
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (CUDA when present).")
 DtypeOpt = typer.Option("auto", "--dtype", help="fp32, bf16, fp16 or auto (bf16 on CUDA, fp32 on CPU).")
+DEFAULT_THREADS = 1
+ThreadsOpt = typer.Option(
+    None, "--threads", metavar="N",
+    help=f"CPU threads for torch. Default: $CALM_THREADS, else {DEFAULT_THREADS} (steady on a busy machine; see README).",
+)
 
 
-def default_model_path() -> Path:
-    """$CALM_MODEL, else weights/default shipped inside the installed package (or beside it in a checkout)."""
-    if os.environ.get("CALM_MODEL"):
-        return Path(os.environ["CALM_MODEL"])
-    here = Path(__file__).resolve().parents[1]
-    for candidate in (here / "weights" / "default", here.parent / "weights" / "default"):
-        if (candidate / "config.json").exists():
-            return candidate
-    raise UsageError("no model given and no bundled weights/default found (pass --model DIR or set CALM_MODEL)")
+class _LazyConsole:
+    """rich's stderr console, built on first use so that importing a command module stays cheap."""
+
+    _console: Optional[Console] = None
+
+    def __getattr__(self, name: str) -> Any:
+        if _LazyConsole._console is None:
+            from rich.console import Console
+
+            _LazyConsole._console = Console(stderr=True, highlight=False)
+        return getattr(_LazyConsole._console, name)
 
 
-def load_for_cli(model: Optional[Path], device: str, dtype: str, ae: Optional[Path] = None, tokenizer: Optional[Path] = None):
-    from ..io.checkpoint import is_baseline_dir, load_baseline, load_model
+err = _LazyConsole()
+
+
+def set_threads(threads: Optional[int]) -> int:
+    """Apply --threads (else $CALM_THREADS, else DEFAULT_THREADS) to torch; return the count used."""
+    if threads is None:
+        raw = os.environ.get("CALM_THREADS")
+        if raw:
+            try:
+                threads = int(raw)
+            except ValueError:
+                raise UsageError(f"CALM_THREADS={raw}: not a whole number") from None
+        else:
+            threads = DEFAULT_THREADS
+    if threads < 1:
+        raise UsageError("--threads must be at least 1")
+    import torch
+
+    torch.set_num_threads(threads)
+    return threads
+
+
+def model_path(model: Optional[str]) -> Path:
+    """--model as a directory: a name, a path, or (when not given) $CALM_MODEL, else `default`."""
+    from ..io.registry import resolve_model
+
+    return resolve_model(model)
+
+
+def load_for_cli(model: Optional[str], device: str, dtype: str, ae: Optional[Path] = None, tokenizer: Optional[Path] = None):
+    """calm_cli.io.checkpoint.load with the CLI's device and dtype words (auto, bf16, cuda:1)."""
+    from ..io.checkpoint import load
     from ..runtime.device import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
-    path = model or default_model_path()
-    if is_baseline_dir(path):
-        if ae:
-            raise UsageError("--ae applies to CALM models; this is a token-level baseline")
-        return load_baseline(path, device=dev, dtype=resolve_dtype(dtype, dev), tokenizer=str(tokenizer) if tokenizer else None)
-    return load_model(
-        path, device=dev, dtype=resolve_dtype(dtype, dev),
+    return load(
+        model_path(model), device=dev, dtype=resolve_dtype(dtype, dev),
         ae=str(ae) if ae else None, tokenizer=str(tokenizer) if tokenizer else None,
     )
 

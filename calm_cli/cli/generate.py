@@ -20,16 +20,25 @@ from .common import (
     SamplerOpt,
     SamplesOpt,
     TempOpt,
+    ThreadsOpt,
     err,
     load_for_cli,
     read_prompt,
     read_text,
+    set_threads,
 )
+from .typer_setup import with_examples
 
 
+@with_examples(
+    'calm generate "The history of" -n 64            # stream 64 new tokens from the default model',
+    'calm generate "Once upon a time" -m baseline --temp 1 --seed 3',
+    'cat notes.txt | calm generate "Summary:" --json  # stdin first, then PROMPT; one JSON object out',
+    'calm generate --jsonl -f prompts.jsonl > out.jsonl',
+)
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="Prompt text; '-' (or nothing, with piped stdin) reads stdin. Piped stdin (or -f) plus PROMPT: that text first, then PROMPT."),
-    model: Optional[Path] = ModelOpt,
+    model: Optional[str] = ModelOpt,
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most new tokens to generate."),
     temp: float = TempOpt,
     samples: int = SamplesOpt,
@@ -54,8 +63,9 @@ def generate(
     ae: Optional[Path] = typer.Option(None, "--ae", help="Autoencoder directory, overriding the checkpoint's ae_path."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json to use instead of the model's."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Timings and tokens/s on stderr."),
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
-    """Continue PROMPT with a CALM model."""
+    """Continue PROMPT with a CALM model (or a token-level baseline)."""
     from ..runtime.engine import (
         GenerationSettings,
         GenerationStats,
@@ -72,6 +82,7 @@ def generate(
         raise UsageError("--jsonl reads prompts from stdin or -f FILE, not from PROMPT")
     lines = _jsonl_input(file) if jsonl else []
     text = "" if jsonl else _with_system(system, _generate_prompt(prompt, file))
+    set_threads(threads)
     t0 = time.perf_counter()
     calm = load_for_cli(model, device, dtype, ae, tokenizer)
     load_s = time.perf_counter() - t0
