@@ -23,9 +23,9 @@ from .typer_setup import with_examples
 
 
 @with_examples(
-    "calm bench                                   # random-weight tiny preset, K=4 against its baseline",
-    "calm bench -m default -b 1,8                 # the bundled model against the bundled baseline's backbone",
-    "calm bench --preset S --K 1,2,4 --md         # a Markdown table for a README",
+    "calm bench                            # random-weight tiny preset, K=4",
+    "calm bench -m default -b 1,8          # the bundled model, batch 1 and 8",
+    "calm bench --preset S --K 1,2,4 --md  # a Markdown table, every column",
 )
 def bench(
     preset: Optional[str] = typer.Option(

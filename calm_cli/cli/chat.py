@@ -543,9 +543,9 @@ def run_chat(
 
 
 @with_examples(
-    "calm chat                              # the bundled model; /help lists the slash commands",
+    "calm chat                       # the default model; /help for commands",
     "calm chat -m baseline --temp 0.7 -n 64",
-    "printf 'Hello!\\nTell me more.\\n' | calm chat -n 16 > replies.txt   # one reply per input line",
+    "printf 'Hi!\\nMore?\\n' | calm chat -n 16   # one reply per input line",
 )
 def chat(
     model: Optional[str] = ModelOpt,

@@ -23,7 +23,7 @@ from .typer_setup import with_examples
 
 
 @with_examples(
-    "calm eval heldout.jsonl                       # the default model on JSON lines with a 'text' field",
+    "calm eval heldout.jsonl     # JSON lines with a 'text' field",
     "calm eval notes.txt -m baseline --max-docs 200 --json",
 )
 def eval_(

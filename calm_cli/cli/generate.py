@@ -31,13 +31,13 @@ from .typer_setup import with_examples
 
 
 @with_examples(
-    'calm generate "The history of" -n 64            # stream 64 new tokens from the default model',
+    'calm generate "The history of" -n 64       # 64 new tokens, default model',
     'calm generate "Once upon a time" -m baseline --temp 1 --seed 3',
-    'cat notes.txt | calm generate "Summary:" --json  # stdin first, then PROMPT; one JSON object out',
+    'cat notes.txt | calm generate "Summary:"    # stdin first, then PROMPT',
     'calm generate --jsonl -f prompts.jsonl > out.jsonl',
 )
 def generate(
-    prompt: Optional[str] = typer.Argument(None, help="Prompt text; '-' (or nothing, with piped stdin) reads stdin. Piped stdin (or -f) plus PROMPT: that text first, then PROMPT."),
+    prompt: Optional[str] = typer.Argument(None, metavar="PROMPT", help="Prompt text; '-' (or nothing, with piped stdin) reads stdin. Piped stdin (or -f) plus PROMPT: that text first, then PROMPT."),
     model: Optional[str] = ModelOpt,
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most new tokens to generate."),
     temp: float = TempOpt,
@@ -45,7 +45,7 @@ def generate(
     sampler: str = SamplerOpt,
     candidate_decoder: str = CandidateDecoderOpt,
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for repeatable output."),
-    stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable)."),
+    stop: list[str] = typer.Option([], "--stop", metavar="TEXT", help="Stop when this text appears (repeatable)."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print text as each chunk is decoded."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text, token counts and timings."),
     echo: bool = typer.Option(False, "--echo", help="Print the prompt before the continuation."),

@@ -50,8 +50,8 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON lines,
 
 
 @with_examples(
-    'calm encode "Some text" --out z.safetensors   # one latent per K tokens',
-    'calm encode --roundtrip "Some text"           # token reconstruction accuracy',
+    'calm encode "Some text" --out z.safetensors',
+    'calm encode --roundtrip "Some text"   # token reconstruction accuracy',
 )
 def encode(
     text: Optional[str] = typer.Argument(None, help="Text to encode; '-' or nothing reads stdin."),
@@ -105,8 +105,8 @@ def encode(
 
 
 @with_examples(
-    "calm decode z.safetensors                    # from calm encode --out",
-    'calm encode "Some text" | calm decode -      # JSON lines with a "mean" list',
+    "calm decode z.safetensors                   # from calm encode --out",
+    'calm encode "Some text" | calm decode -     # JSON lines with "mean"',
 )
 def decode(
     source: Optional[str] = typer.Argument(None, help="A .safetensors file from `calm encode --out`, or JSON lines with a 'mean' list; '-' or nothing reads stdin."),
@@ -168,7 +168,7 @@ def decode(
     "calm info -m baseline --json",
 )
 def info(
-    model_arg: Optional[str] = typer.Argument(None, metavar="[MODEL]", help="Model name or directory (the same as -m)."),
+    model_arg: Optional[str] = typer.Argument(None, metavar="MODEL", help="Model name or directory (the same as -m)."),
     model: Optional[str] = ModelOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -202,8 +202,8 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @with_examples(
-    "calm convert ~/CALM-M ~/calm-m                # the authors' layout -> one safetensors file",
-    "calm convert default ~/small --dtype fp32     # a float32 copy of the bundled model",
+    "calm convert ~/CALM-M ~/calm-m              # authors' layout -> ours",
+    "calm convert default ~/small --dtype fp32   # a float32 copy",
 )
 def convert(
     src: str = typer.Argument(..., metavar="SRC", help="Checkpoint directory (the authors' layout or ours) or model name."),

@@ -143,7 +143,7 @@ def _loop(**kw: Any) -> dict[str, Any]:
     return kw
 
 
-@train_app.command(epilog=examples("calm train autoencoder data/prepared --out runs/ae --max-steps 2000", "calm train autoencoder data/prepared --out runs/ae --resume   # continue after Ctrl-C"))
+@train_app.command(epilog=examples("calm train autoencoder data/prepared --out runs/ae --max-steps 2000", "calm train autoencoder data/prepared --out runs/ae --resume"))
 def autoencoder(
     ctx: typer.Context, data: Path = Data, out: Path = Out, tokenizer: Optional[Path] = Tok,
     hidden: int = typer.Option(256, "--hidden", help="Hidden size."),
@@ -192,7 +192,7 @@ def _backbone_config(vocab: int, special: dict[str, int | None], k: int, hidden:
     )
 
 
-@train_app.command(epilog=examples("calm train calm data/prepared --ae runs/ae/checkpoint --out runs/calm --max-steps 4000", "calm train calm data/prepared --out runs/calm --resume"))
+@train_app.command(epilog=examples("calm train calm data/prepared --ae runs/ae/checkpoint --out runs/calm", "calm train calm data/prepared --out runs/calm --resume"))
 def calm(
     ctx: typer.Context, data: Path = Data, out: Path = Out, tokenizer: Optional[Path] = Tok,
     ae: Optional[Path] = typer.Option(None, "--ae", help="Trained autoencoder directory (frozen; needed for a fresh run)."),
