@@ -203,7 +203,7 @@ class ChatSession:
     def __init__(
         self,
         loader: Callable[[str], CALM],
-        model_path: str,
+        model_name: str,
         settings: GenerationSettings,
         conversation: Conversation,
         display: Display,
@@ -214,14 +214,14 @@ class ChatSession:
         self.settings = settings
         self.conversation = conversation
         self.verbose = verbose
-        self._use(loader(model_path), model_path)
+        self._use(loader(model_name), model_name)
 
     def _use(self, model: CALM, name: str) -> None:
         from ..runtime.token_engine import make_engine
 
         if model.tokenizer is None:
             raise CalmError(f"{name}: the model has no tokenizer.json")
-        self.model_path = name
+        self.model_name = name
         self.engine = make_engine(model)
         self.tokenizer = model.tokenizer
 
@@ -231,7 +231,7 @@ class ChatSession:
 
     def describe(self) -> str:
         """The model as the user named it (a directory shows its last part), K and the context."""
-        name = self.model_path.rstrip("/\\")
+        name = self.model_name.rstrip("/\\")
         short = Path(name).name if os.sep in name or "/" in name else name
         return f"{short} · K={self.engine.k} · context {self.context_tokens} tokens"
 
@@ -360,7 +360,7 @@ class ChatSession:
     def _cmd_save(self, arg: str) -> None:
         path = Path(_required(arg, "/save FILE")).expanduser()
         data = {
-            "model": str(self.model_path),
+            "model": str(self.model_name),
             "template": self.conversation.template.text,
             "system": self.conversation.system,
             "settings": asdict(self.settings),
@@ -503,7 +503,7 @@ def _pipe_reader(prompt: str) -> str:
 
 def run_chat(
     loader: Callable[[str], CALM],
-    model_path: str,
+    model_name: str,
     settings: GenerationSettings,
     template: str,
     system: str,
@@ -517,7 +517,7 @@ def run_chat(
     conversation = Conversation(Template.parse(template), system)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     display = Display(interactive)
-    session = ChatSession(loader, model_path, settings, conversation, display, verbose)
+    session = ChatSession(loader, model_name, settings, conversation, display, verbose)
     if interactive:
         read = _terminal_reader(history_path() if history else None, display)
         display.note(f"calm chat · {session.describe()} · /help for commands, Ctrl-D to leave")

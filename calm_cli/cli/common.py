@@ -6,6 +6,7 @@ modules import torch and the runtime only inside their command functions.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -33,10 +34,9 @@ CandidateDecoderOpt = typer.Option(
 )
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (CUDA when present).")
 DtypeOpt = typer.Option("auto", "--dtype", help="fp32, bf16, fp16 or auto (bf16 on CUDA, fp32 on CPU).")
-DEFAULT_THREADS = 1
 ThreadsOpt = typer.Option(
     None, "--threads", metavar="N",
-    help=f"CPU threads for torch. Default: $CALM_THREADS, else {DEFAULT_THREADS} (steady on a busy machine; see README).",
+    help="CPU threads for torch. Default: $CALM_THREADS, else the cores not already busy (see README).",
 )
 
 
@@ -56,8 +56,25 @@ class _LazyConsole:
 err = _LazyConsole()
 
 
+def idle_cores(limit: int) -> int:
+    """The cores this process may use less those already busy (1-minute load average, rounded up): at least 1, at most `limit`.
+
+    More torch threads than free cores is the one setting that collapses: each step waits for
+    its slowest thread, and a thread that shares a core with another process is very slow
+    (on 2 cores with one busy process, 2 threads ran 5-10x slower than 1; see README).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = math.ceil(os.getloadavg()[0] - 0.1)  # a trace of load (a shell, a finished job) is not a busy core
+    except (AttributeError, OSError):
+        busy = 0
+    return max(1, min(limit, cores - max(busy, 0)))
+
+
 def set_threads(threads: Optional[int]) -> int:
-    """Apply --threads (else $CALM_THREADS, else DEFAULT_THREADS) to torch; return the count used."""
+    """Apply --threads (else $CALM_THREADS, else the idle cores) to torch; return the count used."""
+    import torch
+
     if threads is None:
         raw = os.environ.get("CALM_THREADS")
         if raw:
@@ -66,11 +83,9 @@ def set_threads(threads: Optional[int]) -> int:
             except ValueError:
                 raise UsageError(f"CALM_THREADS={raw}: not a whole number") from None
         else:
-            threads = DEFAULT_THREADS
+            threads = idle_cores(torch.get_num_threads())
     if threads < 1:
         raise UsageError("--threads must be at least 1")
-    import torch
-
     torch.set_num_threads(threads)
     return threads
 
