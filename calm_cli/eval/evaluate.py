@@ -481,8 +481,8 @@ def report_notes(report: dict[str, Any]) -> list[str]:
     if floored:
         which = ", ".join(f"Brier-{n} = {report[f'brier{n}']:.4f}" for n in floored)
         notes.append(
-            f"BrierLM is floored at 0 because {which} (<= 0): the model's samples agree with each other more often than "
-            "with the text, and a geometric mean has no meaning with a term <= 0"
+            f"BrierLM is floored at 0 because {which} (<= 0): there the model's two samples matched each other "
+            "at least as often as they matched the text, and a geometric mean needs every term > 0"
         )
     low, high = report["brierlm_ci95"]
     docs = report["documents"]
