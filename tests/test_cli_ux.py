@@ -69,6 +69,12 @@ def test_help_version_and_usage_errors_do_not_import_torch():
     assert r.stdout.split() == ["False", "False"]
 
 
+@pytest.mark.parametrize("words", [[], ["train"], ["data"]])
+def test_a_group_alone_prints_its_help(words):
+    r = run_calm(*words)
+    assert r.returncode == 0 and r.stdout.startswith("Usage: calm") and "Commands:" in r.stdout and r.stderr == ""
+
+
 def test_version():
     r = run_calm("--version")
     assert r.returncode == 0 and r.stdout.startswith("calm ") and r.stdout.split()[1][0].isdigit()

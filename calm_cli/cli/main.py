@@ -99,6 +99,9 @@ def main() -> None:
     except Exception as exc:
         if STATE["debug"]:
             traceback.print_exc()
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `calm` or `calm train` alone: the help, as --help gives it
+            sys.stdout.write(exc.format_message() + "\n")
+            sys.exit(0)
         if _is_usage_error(exc):
             message = exc.format_message()
             if not message:
