@@ -1,6 +1,6 @@
 """calm: run, train, evaluate and benchmark CALM (Continuous Autoregressive Language Models).
 
-The public API. Names load on first use, so `calm --help` does not pay for importing torch.
+The public API. Names load on first use, so `import calm_cli` (and `calm --help`) does not import torch.
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 __version__ = "0.2.0"
 
 _EXPORTS = {
+    "load": "io.checkpoint",
     "load_model": "io.checkpoint",
     "load_autoencoder": "io.checkpoint",
     "load_baseline": "io.checkpoint",
     "save_model": "io.checkpoint",
+    "list_models": "io.registry",
+    "resolve_model": "io.registry",
     "Engine": "runtime.engine",
     "Request": "runtime.engine",
     "GenerationSettings": "runtime.settings",
@@ -37,3 +40,7 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

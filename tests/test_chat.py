@@ -212,3 +212,17 @@ def test_out_of_range_seed_is_one_line_and_the_chat_goes_on(tmp_path):
 def test_out_of_range_seed_flag_is_a_usage_error():
     r = run_calm("chat", "-m", MODEL, "--seed", str(2**63), input="hi\n")
     assert r.returncode == 2 and "--seed" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_banner_tab_completion_cut_mark_and_setters_alone(chat, tmp_path):
+    child = chat("-n", "4", "--temp", "1", "--seed", "1")
+    banner = ESCAPE.sub("", child.before)
+    assert "calm · K=4 · context" in banner and "fixtures" not in banner  # the name, not the whole path
+    child.send("/te\t")
+    child.expect("/temp")
+    assert "temperature 1" in ask(child, "")  # Tab completed "/temp"; alone, it shows the value
+    assert "[… cut at 4 tokens" in ask(child, "Hello there")
+    transcript = tmp_path / "t.json"
+    ask(child, f"/save {transcript}")
+    shown = ask(child, f"/load {transcript}")
+    assert "loaded 1 turns" in shown and "you:   Hello there" in shown
+    child.sendcontrol("d")
+    assert leave(child) == 0

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from ..errors import UsageError
 from .common import (
@@ -16,11 +14,20 @@ from .common import (
     DtypeOpt,
     SamplerOpt,
     SamplesOpt,
+    ThreadsOpt,
     err,
+    model_path,
     seed_option,
+    set_threads,
 )
+from .typer_setup import with_examples
 
 
+@with_examples(
+    "calm bench                            # random-weight tiny preset, K=4",
+    "calm bench -m default -b 1,8          # the bundled model, batch 1 and 8",
+    "calm bench --preset S --K 1,2,4 --md  # a Markdown table, every column",
+)
 def bench(
     preset: Optional[str] = typer.Option(
         None, "--preset",
@@ -29,8 +36,8 @@ def bench(
         "L and XL are inferred from the paper's 735M and 1.82B parameters. S and up: vocab 128256, latent 128, "
         "the authors' autoencoder (hidden 512, intermediate 1280, 2+2 layers).",
     ),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A CALM checkpoint to measure at its own K (or a baseline directory alone)."),
-    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Trained baseline for --model (default: random weights with the model's backbone)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", metavar="NAME|DIR", help="A CALM model (name or directory) measured at its own K; a baseline alone."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", metavar="NAME|DIR", help="Trained baseline for --model (default: random weights, the model's backbone)."),
     k: Optional[str] = typer.Option(None, "--K", help="Chunk size(s) of the CALM side for presets: 4 or a list such as 1,2,4,8 (default 4)."),
     prompt_tokens: int = typer.Option(128, "--prompt-tokens", "-p", help="Prompt length in tokens (rounded up to a multiple of K)."),
     new_tokens: int = typer.Option(128, "--new-tokens", "-n", help="New tokens per row, EOS ignored (rounded up to a multiple of K)."),
@@ -50,21 +57,26 @@ def bench(
     peak_gbs: Optional[float] = typer.Option(None, "--peak-gbs", help="Memory bandwidth of the device in GB/s (H200: 4800), for the bandwidth fraction."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with a 'rows' list instead of the table."),
     as_csv: bool = typer.Option(False, "--csv", help="Print the rows as CSV instead of the table."),
-    as_md: bool = typer.Option(False, "--md", help="Print a Markdown table instead of the rich one."),
+    as_md: bool = typer.Option(False, "--md", help="Print a Markdown table (every column) instead of the rich one."),
+    wide: bool = typer.Option(False, "--wide", help="Every column in the table (±, prefill, bandwidth); the default fits 100 columns."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the decode step and the candidate decoding (default: on for CUDA)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
-    """Decode speed of CALM against the token-level baseline with the same backbone, side by side.
+    """Decode speed of CALM against a token-level baseline.
+
+    Both sides share the backbone and run side by side; the default table fits 100 columns
+    (--wide, --json, --csv and --md give every column).
 
     The table (or --json/--csv/--md) goes to stdout, progress to stderr. Prompts are random token
     ids; model building or loading is timed apart. Peak memory is CUDA's max_memory_allocated, or on
     CPU the process's resident high-water mark (reset per row on Linux).
     """
-    import torch
 
-    from ..bench.report import render_table, to_csv, to_markdown
+    from rich.console import Console
+
+    from ..bench.report import render_table, to_csv, to_markdown, variation_warnings
     from ..bench.run import (
         BenchOptions,
         check_options,
@@ -81,10 +93,9 @@ def bench(
         raise UsageError("--model measures that checkpoint at its own K: drop --preset and --K")
     if baseline is not None and model is None:
         raise UsageError("--baseline goes with --model")
-    if threads is not None:
-        if threads < 1:
-            raise UsageError("--threads must be at least 1")
-        torch.set_num_threads(threads)
+    model_dir = model_path(model) if model is not None else None
+    baseline_dir = model_path(baseline) if baseline is not None else None
+    set_threads(threads)
     options = BenchOptions(
         ks=parse_list(k or "4", int, "--K"), batches=parse_list(batch, int, "--concurrency"), temperatures=parse_list(temp, float, "--temp"),
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, repetitions=repetitions, num_samples=samples, sampler=sampler,
@@ -94,8 +105,8 @@ def bench(
     dev = resolve_device(device)
     options.compile = compile if compile is not None else dev.type == "cuda"
     dt = resolve_dtype(dtype, dev)
-    if model is not None:
-        makers, source = checkpoint_subjects(model, baseline, dev, dt), str(model)
+    if model_dir is not None:
+        makers, source = checkpoint_subjects(model_dir, baseline_dir, dev, dt), str(model)
     else:
         makers, source = preset_subjects(preset or "tiny", options.ks, dev, dt), f"preset {preset or 'tiny'}"
     report = run_bench(makers, options, dev, source, progress=lambda line: err.print(f"[dim]{line}[/dim]"))
@@ -106,4 +117,6 @@ def bench(
     elif as_md:
         sys.stdout.write(to_markdown(report))
     else:
-        render_table(report, Console(highlight=False, width=None if sys.stdout.isatty() else 220))
+        render_table(report, Console(highlight=False, width=None if sys.stdout.isatty() else (220 if wide else 100)), wide=wide)
+    for line in variation_warnings(report):
+        err.print(f"warning: {line}", markup=False)

@@ -18,19 +18,13 @@ import os
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
-from rich.console import Console
 
 from ..errors import CalmError, UsageError
 from ..io.atomic import write_text_atomic
-from ..io.tokenizer import encode
-from ..models.calm import CALM
 from ..runtime.chat import DEFAULT_TEMPLATE, Conversation, Template, Turn
-from ..runtime.engine import Engine
-from ..runtime.settings import GenerationSettings, check_settings
-from ..runtime.text import GenerationStats, stream_text
 from .common import (
     SEED_LIMIT,
     DeviceOpt,
@@ -39,10 +33,16 @@ from .common import (
     SamplerOpt,
     SamplesOpt,
     TempOpt,
-    default_model_path,
+    ThreadsOpt,
     load_for_cli,
     seed_option,
+    set_threads,
 )
+from .typer_setup import with_examples
+
+if TYPE_CHECKING:
+    from ..models.calm import CALM
+    from ..runtime.settings import GenerationSettings
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -59,7 +59,12 @@ class Display:
 
     def __init__(self, interactive: bool) -> None:
         self.interactive = interactive
-        self.console = Console(highlight=False, soft_wrap=True) if interactive else None
+        if interactive:
+            from rich.console import Console
+
+            self.console: Optional[Console] = Console(highlight=False, soft_wrap=True)
+        else:
+            self.console = None
 
     def note(self, text: str) -> None:
         if self.console:
@@ -87,9 +92,13 @@ class Display:
             sys.stdout.write(text.translate(_LINE_BREAKS).translate(_CONTROL))
             sys.stdout.flush()
 
-    def end_reply(self, interrupted: bool) -> None:
+    def end_reply(self, interrupted: bool, cut: Optional[int] = None) -> None:
+        """End the reply's line; in a terminal, say why it ended early (Ctrl-C, or `cut` = the token limit it hit)."""
         if self.console:
-            self.console.out("")
+            if cut is not None and not interrupted:
+                self.console.print(f" [… cut at {cut} tokens; /max-tokens N for longer replies]", style="dim", markup=False)
+            else:
+                self.console.out("")
             if interrupted:
                 self.note("(interrupted)")
         else:
@@ -99,7 +108,7 @@ class Display:
 
 HELP = [
     ("/help", "this help"),
-    ("/temp T", "temperature in [0, 1]"),
+    ("/temp T", "temperature in [0, 1]; '/temp' alone shows it (as do the other settings)"),
     ("/max-tokens N", "longest reply, in tokens"),
     ("/samples N", "candidate chunks drawn per step"),
     ("/seed N", "repeatable replies (the reply to turn i uses seed N+i); '/seed random' to stop"),
@@ -107,7 +116,7 @@ HELP = [
     ("/reset", "start a new conversation"),
     ("/save FILE", "write the transcript as JSON"),
     ("/load FILE", "continue a conversation saved with /save"),
-    ("/model PATH", "switch to another model, keeping the conversation"),
+    ("/model NAME|PATH", "switch to another model, keeping the conversation"),
     ("/verbose", "toggle tokens/s and vector-steps/s after each reply"),
     ("/exit", "leave (also /bye, Ctrl-D, or Ctrl-C on an empty prompt)"),
 ]
@@ -125,8 +134,8 @@ class ChatSession:
 
     def __init__(
         self,
-        loader: Callable[[Path], CALM],
-        model_path: Path,
+        loader: Callable[[str], CALM],
+        model_name: str,
         settings: GenerationSettings,
         conversation: Conversation,
         display: Display,
@@ -137,12 +146,14 @@ class ChatSession:
         self.settings = settings
         self.conversation = conversation
         self.verbose = verbose
-        self._use(loader(model_path), model_path)
+        self._use(loader(model_name), model_name)
 
-    def _use(self, model: CALM, path: Path) -> None:
+    def _use(self, model: CALM, name: str) -> None:
         if model.tokenizer is None:
-            raise CalmError(f"{path}: the model has no tokenizer.json")
-        self.model_path = path
+            raise CalmError(f"{name}: the model has no tokenizer.json")
+        self.model_name = name
+        from ..runtime.engine import Engine
+
         self.engine = Engine(model, max_batch=1)
         self.tokenizer = model.tokenizer
 
@@ -151,13 +162,20 @@ class ChatSession:
         return self.engine.config.max_position_embeddings * self.engine.k
 
     def describe(self) -> str:
-        return f"{self.model_path} · K={self.engine.k} · context {self.context_tokens} tokens"
+        """The model as the user named it (a directory shows its last part), K and the context."""
+        name = self.model_name.rstrip("/\\")
+        short = Path(name).name if os.sep in name or "/" in name else name
+        return f"{short} · K={self.engine.k} · context {self.context_tokens} tokens"
 
     def _count(self, text: str) -> int:
+        from ..io.tokenizer import encode
+
         return len(encode(self.tokenizer, text))
 
     def reply(self, message: str) -> None:
         """Stream the model's answer to `message`; Ctrl-C in a terminal keeps what was shown and returns."""
+        from ..runtime.text import GenerationStats, stream_text
+
         alone = self._count(self.conversation.prompt(message, first=len(self.conversation.turns)))
         if alone // self.engine.k >= self.engine.config.max_position_embeddings:
             self.display.error(f"the message is {alone} tokens with the template; the model's context is {self.context_tokens} tokens")
@@ -178,10 +196,11 @@ class ChatSession:
             settings = replace(settings, seed=(settings.seed + len(self.conversation.turns)) % SEED_LIMIT)
         stats = GenerationStats()
         parts: list[str] = []
-        shown, pending, interrupted = False, "", False
+        shown, pending, interrupted, finish = False, "", False, None
         try:
             for delta in stream_text(self.engine, self.tokenizer, [prompt], settings, [stop] if stop else [], stats):
                 parts.append(delta.text)
+                finish = delta.finish_reason or finish
                 text = pending + delta.text if shown else (pending + delta.text).lstrip()
                 core = text.rstrip()
                 pending = text[len(core) :]
@@ -192,7 +211,7 @@ class ChatSession:
             if not self.display.interactive:
                 raise
             interrupted = True
-        self.display.end_reply(interrupted)
+        self.display.end_reply(interrupted, settings.max_tokens if finish == "length" else None)
         self.conversation.turns.append(Turn(message, "".join(parts).strip()))
         if self.verbose and stats.decode_s:
             new = stats.completion_tokens[0] if stats.completion_tokens else 0
@@ -219,6 +238,8 @@ class ChatSession:
             return True
 
     def _settings(self, **changes: Any) -> None:
+        from ..runtime.settings import check_settings
+
         settings = replace(self.settings, **changes)
         try:
             check_settings(settings)
@@ -233,18 +254,25 @@ class ChatSession:
         self.display.show("\n".join(lines))
 
     def _cmd_temp(self, arg: str) -> None:
-        self._settings(temperature=_number(arg, float, "/temp T (a number in [0, 1])"))
+        if arg:
+            self._settings(temperature=_number(arg, float, "/temp T (a number in [0, 1])"))
         self.display.note(f"temperature {self.settings.temperature:g}")
 
     def _cmd_max_tokens(self, arg: str) -> None:
-        self._settings(max_tokens=_number(arg, int, "/max-tokens N (a whole number)"))
+        if arg:
+            self._settings(max_tokens=_number(arg, int, "/max-tokens N (a whole number)"))
         self.display.note(f"replies of at most {self.settings.max_tokens} tokens")
 
     def _cmd_samples(self, arg: str) -> None:
-        self._settings(num_samples=_number(arg, int, "/samples N (a whole number)"))
+        if arg:
+            self._settings(num_samples=_number(arg, int, "/samples N (a whole number)"))
         self.display.note(f"{self.settings.num_samples} samples per step")
 
     def _cmd_seed(self, arg: str) -> None:
+        if not arg:
+            seed = self.settings.seed
+            self.display.note("random seed for every reply" if seed is None else f"seed {seed} (+ turn number) for each reply")
+            return
         if arg.lower() in ("random", "off", "none"):
             self._settings(seed=None)
             self.display.note("random seed for every reply")
@@ -267,7 +295,7 @@ class ChatSession:
     def _cmd_save(self, arg: str) -> None:
         path = Path(_required(arg, "/save FILE")).expanduser()
         data = {
-            "model": str(self.model_path),
+            "model": str(self.model_name),
             "template": self.conversation.template.text,
             "system": self.conversation.system,
             "settings": asdict(self.settings),
@@ -297,12 +325,16 @@ class ChatSession:
         self.conversation.reset()
         self.conversation.system = system
         self.conversation.turns.extend(Turn(t["user"], t["assistant"]) for t in turns)
-        self.display.note(f"loaded {len(turns)} turns from {path}")
+        self.display.note(f"loaded {len(turns)} turns from {path}" + (f" (system text: {_clip(system)})" if system else ""))
+        for turn in self.conversation.turns[-LOAD_SHOWN:]:
+            self.display.show(f"  you:   {_clip(turn.user)}\n  reply: {_clip(turn.assistant)}")
+        if len(turns) > LOAD_SHOWN:
+            self.display.note(f"(the last {LOAD_SHOWN} shown)")
 
     def _cmd_model(self, arg: str) -> None:
-        path = Path(_required(arg, "/model PATH")).expanduser()
+        name = _required(arg, "/model NAME|PATH")
         try:
-            self._use(self.loader(path), path)
+            self._use(self.loader(name), name)
         except CalmError as exc:
             raise UsageError(str(exc)) from None
         self.display.note(f"model {self.describe()}; the conversation goes on")
@@ -313,6 +345,15 @@ class ChatSession:
 
     def _cmd_exit(self, arg: str) -> bool:
         return False
+
+
+LOAD_SHOWN = 3  # turns /load prints, the latest ones
+
+
+def _clip(text: str, width: int = 200) -> str:
+    """One line of at most `width` characters, for showing a loaded turn."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def _required(arg: str, usage: str) -> str:
@@ -358,6 +399,7 @@ def read_turn(read: Callable[[str], str]) -> str:
 def _terminal_reader(history: Path | None, display: Display) -> Callable[[str], str]:
     """prompt-toolkit input: Esc-Enter inserts a newline, Ctrl-C clears the line or, on an empty one, leaves."""
     from prompt_toolkit import PromptSession
+    from prompt_toolkit.completion import WordCompleter
     from prompt_toolkit.history import FileHistory, History, InMemoryHistory
     from prompt_toolkit.key_binding import KeyBindings
 
@@ -379,7 +421,11 @@ def _terminal_reader(history: Path | None, display: Display) -> Callable[[str], 
     def _interrupt(event: Any) -> None:
         event.app.exit(exception=KeyboardInterrupt() if event.current_buffer.text else EOFError())
 
-    session: PromptSession[str] = PromptSession(history=store, key_bindings=keys, prompt_continuation=CONTINUATION)
+    commands = sorted({usage.split()[0] for usage, _ in HELP} | set(ALIASES))
+    session: PromptSession[str] = PromptSession(
+        history=store, key_bindings=keys, prompt_continuation=CONTINUATION,
+        completer=WordCompleter(commands, sentence=True), complete_while_typing=False,
+    )
     return session.prompt
 
 
@@ -391,8 +437,8 @@ def _pipe_reader(prompt: str) -> str:
 
 
 def run_chat(
-    loader: Callable[[Path], CALM],
-    model_path: Path,
+    loader: Callable[[str], CALM],
+    model_name: str,
     settings: GenerationSettings,
     template: str,
     system: str,
@@ -400,11 +446,13 @@ def run_chat(
     history: bool,
 ) -> None:
     """The chat loop: read a turn, answer it or run its slash command, until /exit or end of input."""
+    from ..runtime.settings import check_settings
+
     check_settings(settings)
     conversation = Conversation(Template.parse(template), system)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     display = Display(interactive)
-    session = ChatSession(loader, model_path, settings, conversation, display, verbose)
+    session = ChatSession(loader, model_name, settings, conversation, display, verbose)
     if interactive:
         read = _terminal_reader(history_path() if history else None, display)
         display.note(f"calm chat · {session.describe()} · /help for commands, Ctrl-D to leave")
@@ -429,8 +477,13 @@ def run_chat(
                 raise
 
 
+@with_examples(
+    "calm chat                       # the default model; /help for commands",
+    "calm chat -m baseline --temp 0.7 -n 64",
+    "printf 'Hi!\\nMore?\\n' | calm chat -n 16   # one reply per input line",
+)
 def chat(
-    model: Optional[Path] = ModelOpt,
+    model: Optional[str] = ModelOpt,
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Longest reply, in tokens (/max-tokens N changes it)."),
     temp: float = TempOpt,
     samples: int = SamplesOpt,
@@ -447,13 +500,17 @@ def chat(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tokens/s and vector-steps/s after each reply (/verbose toggles)."),
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
-    """Chat with a CALM model: streamed replies, input history, slash commands (/help).
+    """Chat with a model: streamed replies and slash commands.
 
-    With stdin or stdout not a terminal, each input line is one turn and each reply is one line on stdout.
+    Input history, Esc-Enter for a newline, Tab completes /commands (/help lists them). With stdin or stdout not a terminal, each input line is one turn and each reply is one line on stdout.
     """
+    from ..runtime.settings import GenerationSettings
+
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
+    set_threads(threads)
     run_chat(
-        lambda path: load_for_cli(path, device, dtype), model or default_model_path(), settings,
+        lambda name: load_for_cli(name, device, dtype), model or os.environ.get("CALM_MODEL") or "default", settings,
         DEFAULT_TEMPLATE if template is None else template, system, verbose, history,
     )

@@ -1,28 +1,36 @@
-"""What the command modules share: the common options, the error console, model loading and prompt reading."""
+"""What the command modules share: the common options, the error console, model loading and prompt reading.
+
+Nothing here imports torch: `calm --help` and usage errors must stay fast, so the command
+modules import torch and the runtime only inside their command functions.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
-from rich.console import Console
 
 from ..errors import UsageError
 
-err = Console(stderr=True, highlight=False)
+if TYPE_CHECKING:
+    from rich.console import Console
+
 STATE = {"debug": False}
 
-ModelOpt = typer.Option(None, "--model", "-m", help="Model directory (default: $CALM_MODEL, else the bundled weights/default).")
-TempOpt = typer.Option(0.5, "--temp", "-t", help="Temperature in [0, 1]. Default 0.5, as the CALM authors advise for fluent text; 1 draws once per step; 0 picks the most frequent of --samples draws.")
-SamplesOpt = typer.Option(200, "--samples", help="Candidate chunks drawn per step by the approximate sampler (N).")
-SamplerOpt = typer.Option("approx", "--sampler", help="Temperature sampler: approx (count repeats among N draws) or exact (rejection).")
+ModelOpt = typer.Option(
+    None, "--model", "-m", metavar="NAME|DIR",
+    help="Model name (see 'calm models') or directory. Default: $CALM_MODEL, else 'default'.",
+)
+TempOpt = typer.Option(0.5, "--temp", "-t", help="Temperature in [0, 1]; 0.5 (the authors' advice) reads fluently, 1 draws once per step.")
+SamplesOpt = typer.Option(200, "--samples", help="Candidate chunks drawn per step by the approx sampler (N).")
+SamplerOpt = typer.Option("approx", "--sampler", help="approx (count repeats among N draws) or exact (rejection).")
 CandidateDecoderOpt = typer.Option(
     "fast", "--candidate-decoder",
-    help="How candidate chunks are decoded: fast (bf16 scores with an error certificate, float32 where it cannot "
-    "decide; the same tokens as dense) or dense (float32 over the whole vocabulary, for comparison).",
+    help="fast (bf16 scores, float32 where they cannot decide; same tokens) or dense (float32, for comparison).",
 )
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2^63: what torch.Generator.manual_seed takes without overflow
 
@@ -34,31 +42,77 @@ def seed_option(default: int | None, help: str) -> Any:
 
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (CUDA when present).")
 DtypeOpt = typer.Option("auto", "--dtype", help="fp32, bf16, fp16 or auto (bf16 on CUDA, fp32 on CPU).")
+ThreadsOpt = typer.Option(
+    None, "--threads", metavar="N",
+    help="CPU threads for torch. Default: $CALM_THREADS, else the cores not already busy (see README).",
+)
 
 
-def default_model_path() -> Path:
-    """$CALM_MODEL, else weights/default shipped inside the installed package (or beside it in a checkout)."""
-    if os.environ.get("CALM_MODEL"):
-        return Path(os.environ["CALM_MODEL"])
-    here = Path(__file__).resolve().parents[1]
-    for candidate in (here / "weights" / "default", here.parent / "weights" / "default"):
-        if (candidate / "config.json").exists():
-            return candidate
-    raise UsageError("no model given and no bundled weights/default found (pass --model DIR or set CALM_MODEL)")
+class _LazyConsole:
+    """rich's stderr console, built on first use so that importing a command module stays cheap."""
+
+    _console: Optional[Console] = None
+
+    def __getattr__(self, name: str) -> Any:
+        if _LazyConsole._console is None:
+            from rich.console import Console
+
+            _LazyConsole._console = Console(stderr=True, highlight=False)
+        return getattr(_LazyConsole._console, name)
 
 
-def load_for_cli(model: Optional[Path], device: str, dtype: str, ae: Optional[Path] = None, tokenizer: Optional[Path] = None):
-    from ..io.checkpoint import is_baseline_dir, load_baseline, load_model
+err = _LazyConsole()
+
+
+def idle_cores(limit: int) -> int:
+    """The cores this process may use less those already busy (1-minute load average, rounded up): at least 1, at most `limit`.
+
+    More torch threads than free cores is the one setting that collapses: each step waits for
+    its slowest thread, and a thread that shares a core with another process is very slow
+    (on 2 cores with one busy process, 2 threads ran 5-10x slower than 1; see README).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = math.ceil(os.getloadavg()[0] - 0.1)  # a trace of load (a shell, a finished job) is not a busy core
+    except (AttributeError, OSError):
+        busy = 0
+    return max(1, min(limit, cores - max(busy, 0)))
+
+
+def set_threads(threads: Optional[int]) -> int:
+    """Apply --threads (else $CALM_THREADS, else the idle cores) to torch; return the count used."""
+    import torch
+
+    if threads is None:
+        raw = os.environ.get("CALM_THREADS")
+        if raw:
+            try:
+                threads = int(raw)
+            except ValueError:
+                raise UsageError(f"CALM_THREADS={raw}: not a whole number") from None
+        else:
+            threads = idle_cores(torch.get_num_threads())
+    if threads < 1:
+        raise UsageError("--threads must be at least 1")
+    torch.set_num_threads(threads)
+    return threads
+
+
+def model_path(model: Optional[str]) -> Path:
+    """--model as a directory: a name, a path, or (when not given) $CALM_MODEL, else `default`."""
+    from ..io.registry import resolve_model
+
+    return resolve_model(model)
+
+
+def load_for_cli(model: Optional[str], device: str, dtype: str, ae: Optional[Path] = None, tokenizer: Optional[Path] = None):
+    """calm_cli.io.checkpoint.load with the CLI's device and dtype words (auto, bf16, cuda:1)."""
+    from ..io.checkpoint import load
     from ..runtime.device import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
-    path = model or default_model_path()
-    if is_baseline_dir(path):
-        if ae:
-            raise UsageError("--ae applies to CALM models; this is a token-level baseline")
-        return load_baseline(path, device=dev, dtype=resolve_dtype(dtype, dev), tokenizer=str(tokenizer) if tokenizer else None)
-    return load_model(
-        path, device=dev, dtype=resolve_dtype(dtype, dev),
+    return load(
+        model_path(model), device=dev, dtype=resolve_dtype(dtype, dev),
         ae=str(ae) if ae else None, tokenizer=str(tokenizer) if tokenizer else None,
     )
 

@@ -10,12 +10,13 @@ from ..errors import UsageError
 from .common import (
     err,
 )
+from .typer_setup import examples, new_typer
 
-data_app = typer.Typer(no_args_is_help=True, help="Turn text into token files for training (the corpus recipe is scripts/build-corpus.sh).")
-tokenizer_app = typer.Typer(no_args_is_help=True, help="Train a byte-level BPE tokenizer.")
+data_app = new_typer(no_args_is_help=True, help="Turn text into token files for training.")
+tokenizer_app = new_typer(no_args_is_help=True, help="Train a byte-level BPE tokenizer.")
 
 
-@data_app.command("prepare")
+@data_app.command("prepare", epilog=examples("calm data prepare corpus.jsonl --tokenizer tok.json --out data/prepared"))
 def data_prepare(
     sources: list[Path] = typer.Argument(..., help="Text files (paragraphs split on blank lines) or JSON lines with a 'text' field."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory: train.bin, heldout.bin, manifest.json."),
@@ -38,7 +39,7 @@ def data_prepare(
     err.print(" · ".join(f"{name}: {info.get('tokens')} tokens" for name, info in splits.items()) or f"wrote {out}")
 
 
-@tokenizer_app.command("train")
+@tokenizer_app.command("train", epilog=examples("calm tokenizer train corpus.jsonl --vocab 8192 --out tok.json"))
 def tokenizer_train(
     sources: list[Path] = typer.Argument(..., help="Text or JSON-lines files."),
     vocab: int = typer.Option(8192, "--vocab", help="Vocabulary size, special tokens included."),

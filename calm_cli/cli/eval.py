@@ -13,19 +13,26 @@ from .common import (
     DeviceOpt,
     DtypeOpt,
     ModelOpt,
-    default_model_path,
+    ThreadsOpt,
     err,
     load_for_cli,
+    model_path,
     seed_option,
+    set_threads,
 )
+from .typer_setup import with_examples
 
 
+@with_examples(
+    "calm eval heldout.jsonl     # JSON lines with a 'text' field",
+    "calm eval notes.txt -m baseline --max-docs 200 --json",
+)
 def eval_(
     data: list[Path] = typer.Argument(
         ..., help="Text files (paragraphs split on blank lines), JSON lines with a 'text' field, .bin token files of "
         "'calm data prepare', or a prepared-data directory (its heldout.bin); token files are cut into documents at BOS.",
     ),
-    model: Optional[Path] = ModelOpt,
+    model: Optional[str] = ModelOpt,
     max_docs: Optional[int] = typer.Option(None, "--max-docs", help="Score only the first N documents."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Stop after this many tokens in all (the last document is cut)."),
     seed: int = seed_option(0, "Seed of the model samples and the bootstrap; same seed, data and batch size give the same numbers."),
@@ -33,8 +40,11 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: brier1..brier4, brierlm, brierlm_ci95, positions, documents, model, seconds."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
-    """BrierLM (higher is better, 100 at most) of a CALM or token-level model on held-out documents.
+    """BrierLM (higher is better) of a model on held-out documents.
+
+    BrierLM is at most 100; the model may be CALM or token-level.
 
     Each document is scored on its own, BOS first, in windows of the model's context, at every
     chunk boundary followed by at least 4 true tokens (the authors' document-level test). Brier-n
@@ -44,8 +54,9 @@ def eval_(
     from ..eval.evaluate import check_arguments, evaluate, format_report
 
     check_arguments(data, max_docs, max_tokens, batch_size)
-    path = model or default_model_path()
-    loaded = load_for_cli(path, device, dtype)
+    path = model_path(model)
+    set_threads(threads)
+    loaded = load_for_cli(str(path), device, dtype)
     report = evaluate(loaded, data, max_docs=max_docs, max_tokens=max_tokens, seed=seed, batch_size=batch_size, console=err)
     report["model"] = str(path)
     sys.stdout.write(json.dumps(report) + "\n" if as_json else format_report(report))

@@ -20,24 +20,33 @@ from .common import (
     SamplerOpt,
     SamplesOpt,
     TempOpt,
+    ThreadsOpt,
     err,
     load_for_cli,
     read_prompt,
     read_text,
     seed_option,
+    set_threads,
 )
+from .typer_setup import with_examples
 
 
+@with_examples(
+    'calm generate "The history of" -n 64       # 64 new tokens, default model',
+    'calm generate "Once upon a time" -m baseline --temp 1 --seed 3',
+    'cat notes.txt | calm generate "Summary:"    # stdin first, then PROMPT',
+    'calm generate --jsonl -f prompts.jsonl > out.jsonl',
+)
 def generate(
-    prompt: Optional[str] = typer.Argument(None, help="Prompt text; '-' (or nothing, with piped stdin) reads stdin. Piped stdin (or -f) plus PROMPT: that text first, then PROMPT."),
-    model: Optional[Path] = ModelOpt,
+    prompt: Optional[str] = typer.Argument(None, metavar="PROMPT", help="Prompt text; '-' (or nothing, with piped stdin) reads stdin. Piped stdin (or -f) plus PROMPT: that text first, then PROMPT."),
+    model: Optional[str] = ModelOpt,
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most new tokens to generate."),
     temp: float = TempOpt,
     samples: int = SamplesOpt,
     sampler: str = SamplerOpt,
     candidate_decoder: str = CandidateDecoderOpt,
     seed: Optional[int] = seed_option(None, "Seed for repeatable output."),
-    stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable)."),
+    stop: list[str] = typer.Option([], "--stop", metavar="TEXT", help="Stop when this text appears (repeatable)."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print text as each chunk is decoded."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text, token counts and timings."),
     echo: bool = typer.Option(False, "--echo", help="Print the prompt before the continuation."),
@@ -59,8 +68,9 @@ def generate(
         None, "--max-batch", help="With --jsonl: requests decoded at once (default 8 on CPU, 64 on CUDA); the rest wait for a free slot.",
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Timings and tokens/s on stderr."),
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
-    """Continue PROMPT with a CALM model."""
+    """Continue PROMPT with a CALM model (or a token-level baseline)."""
     from ..runtime.engine import Engine
     from ..runtime.runners import check_candidate_decoder
     from ..runtime.settings import GenerationSettings, check_settings
@@ -75,6 +85,7 @@ def generate(
         raise UsageError("--max-batch must be at least 1")
     lines = _jsonl_input(file) if jsonl else []
     text = "" if jsonl else _with_system(system, _generate_prompt(prompt, file))
+    set_threads(threads)
     t0 = time.perf_counter()
     calm = load_for_cli(model, device, dtype, ae, tokenizer)
     load_s = time.perf_counter() - t0

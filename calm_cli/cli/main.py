@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
+from typing import Optional
 
 import typer
 
+from .. import __version__
 from ..errors import CalmError
 from .bench import bench
 from .chat import chat
@@ -18,44 +21,77 @@ from .common import STATE
 from .data import data_app, tokenizer_app
 from .eval import eval_
 from .generate import generate
-from .model import convert, decode, encode, info
+from .model import convert, decode, encode, info, models
 from .serve import serve
 from .train import train_app
+from .typer_setup import EPILOGS, new_typer
 
-app = typer.Typer(
-    add_completion=False,
+app = new_typer(
+    add_completion=True,
     no_args_is_help=True,
-    pretty_exceptions_enable=False,
     help="Run, train, evaluate and benchmark CALM (Continuous Autoregressive Language Models).",
+    epilog="""Start with:
+
+\b
+  calm models                      list the models you can name with -m
+  calm generate "The history of"   continue a prompt with the bundled model
+  calm chat -m default             talk to it
+  calm COMMAND --help              options and examples of one command""",
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"calm {__version__}\n")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
-    STATE["debug"] = debug
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors (also accepted after the command)."),
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    STATE["debug"] = STATE["debug"] or debug
 
 
-for command in (generate, chat, serve, encode, decode, info, convert, bench):
-    app.command()(command)
-app.command("eval")(eval_)
+for command in (generate, chat, serve, models, info, encode, decode, convert, bench):
+    app.command(epilog=EPILOGS.get(command))(command)
+app.command("eval", epilog=EPILOGS.get(eval_))(eval_)
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(tokenizer_app, name="tokenizer")
 
 
+def _take_debug(args: list[str]) -> list[str]:
+    """--debug anywhere before a bare `--` turns on tracebacks, so `calm generate --debug …` works as `calm --debug generate …`."""
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" in args[:end]:
+        STATE["debug"] = True
+        return [a for a in args[:end] if a != "--debug"] + args[end:]
+    return args
+
+
 def main() -> None:
-    """Entry point: one-line errors, exit 2 for usage and 1 for runtime errors, quiet on Ctrl-C and closed pipes."""
+    """Entry point: one-line errors, exit 2 for usage and 1 for runtime errors, quiet on Ctrl-C and closed pipes.
+
+    With --debug the traceback comes first; the message and the exit code stay the same.
+    """
     command = typer.main.get_command(app)
     sys.stdout = _PipeAwareStdout(sys.stdout)
     try:
-        code = command.main(args=sys.argv[1:], prog_name="calm", standalone_mode=False)
+        code = command.main(args=_take_debug(sys.argv[1:]), prog_name="calm", standalone_mode=False)
         sys.stdout.flush()
         sys.exit(code if isinstance(code, int) else 0)
     except CalmError as exc:
         if STATE["debug"]:
-            raise
+            traceback.print_exc()
         _fail(str(exc), exc.exit_code)
     except (KeyboardInterrupt, typer.Abort):
+        if isinstance(sys.stdout, _PipeAwareStdout) and sys.stdout.mid_line:
+            try:
+                sys.stdout.write("\n")
+            except (BrokenPipeError, PipeClosed):
+                pass
         _quiet_exit(130)
     except (BrokenPipeError, PipeClosed):
         _quiet_exit(0)
@@ -63,7 +99,10 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except typer.TyperException as exc:
         if STATE["debug"]:
-            raise
+            traceback.print_exc()
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `calm` or `calm train` alone: the help, as --help gives it
+            sys.stdout.write(exc.format_message() + "\n")
+            sys.exit(0)
         message = exc.format_message()
         if not message:
             sys.exit(exc.exit_code)
@@ -73,7 +112,7 @@ def main() -> None:
         _fail(f"{message}{hint}", 2)
     except Exception as exc:
         if STATE["debug"]:
-            raise
+            traceback.print_exc()
         first = str(exc).splitlines()[0] if str(exc) else ""
         _fail(f"{type(exc).__name__}: {first} (run with --debug for the traceback)", 1)
 
@@ -87,12 +126,16 @@ class _PipeAwareStdout:
 
     def __init__(self, stream) -> None:
         self._stream = stream
+        self.mid_line = False  # the last text written did not end a line: Ctrl-C adds the newline
 
     def write(self, text: str) -> int:
         try:
-            return self._stream.write(text)
+            written = self._stream.write(text)
         except BrokenPipeError:
             raise PipeClosed from None
+        if text:
+            self.mid_line = not text.endswith("\n")
+        return written
 
     def flush(self) -> None:
         try:

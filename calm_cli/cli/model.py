@@ -8,30 +8,69 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from ..errors import CalmError, UsageError
 from .common import (
     ModelOpt,
-    default_model_path,
+    ThreadsOpt,
     err,
+    model_path,
     read_prompt,
     read_text,
+    set_threads,
 )
+from .typer_setup import with_examples
 
 
+@with_examples(
+    "calm models                 # the bundled default and baseline, and your own",
+    "calm generate Hi -m baseline",
+    "CALM_HOME=~/calm calm models   # lists ~/calm/models/*",
+)
+def models(as_json: bool = typer.Option(False, "--json", help="Print JSON lines, one per model.")) -> None:
+    """The model names that --model and $CALM_MODEL accept.
+
+    The bundled models come first, then each subfolder of your models directory.
+    The models directory is $CALM_HOME/models, else $XDG_DATA_HOME/calm/models, else
+    ~/.local/share/calm/models; a subfolder there with a config.json answers to its name.
+    """
+    from ..io.registry import list_models, user_models_dir
+
+    entries = list_models()
+    if as_json:
+        for e in entries:
+            row = {"name": e.name, "path": str(e.path), "kind": e.kind, "K": e.k, "size_mb": round(e.size_mb, 1), "dtype": e.dtype}
+            sys.stdout.write(json.dumps(row) + "\n")
+        return
+    rows = [("NAME", "KIND", "K", "SIZE", "DTYPE", "PATH")]
+    rows += [(e.name, e.kind, str(e.k or "?"), f"{e.size_mb:.1f} MB", e.dtype, str(e.path)) for e in entries]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        sys.stdout.write("  ".join(cell.ljust(w) if i != 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))) + f"  {r[5]}\n")
+    sys.stderr.write(f"your models: {user_models_dir()} (a subfolder with a config.json answers to its name)\n")
+
+
+@with_examples(
+    'calm encode "Some text" --out z.safetensors',
+    'calm encode --roundtrip "Some text"   # token reconstruction accuracy',
+)
 def encode(
     text: Optional[str] = typer.Argument(None, help="Text to encode; '-' or nothing reads stdin."),
-    model: Optional[Path] = ModelOpt,
+    model: Optional[str] = ModelOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write input_ids, mean and log_std to this .safetensors file."),
     roundtrip: bool = typer.Option(False, "--roundtrip", help="Report how many text tokens the mean latent reconstructs."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json to use instead of the model's."),
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
-    """Text -> one latent vector per K tokens (JSON lines on stdout, or --out FILE)."""
+    """Text -> one latent vector per K tokens.
+
+    JSON lines on stdout ({"tokens", "mean", "log_std"} per chunk), or one .safetensors file with --out.
+    """
     from ..io.checkpoint import load_autoencoder
     from ..runtime.latents import encode_text, reconstruction, tokenizer_of
 
-    ae = load_autoencoder(model or default_model_path(), tokenizer=str(tokenizer) if tokenizer else None)
+    set_threads(threads)
+    ae = load_autoencoder(model_path(model), tokenizer=str(tokenizer) if tokenizer else None)
     tokenizer_of(ae)
     source = read_prompt(text)
     if roundtrip:
@@ -59,16 +98,22 @@ def encode(
         sys.stdout.write(json.dumps(row) + "\n")
 
 
+@with_examples(
+    "calm decode z.safetensors                   # from calm encode --out",
+    'calm encode "Some text" | calm decode -     # JSON lines with "mean"',
+)
 def decode(
     source: Optional[str] = typer.Argument(None, help="A .safetensors file from `calm encode --out`, or JSON lines with a 'mean' list; '-' or nothing reads stdin."),
-    model: Optional[Path] = ModelOpt,
+    model: Optional[str] = ModelOpt,
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json to use instead of the model's."),
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Latent vectors -> text."""
     from ..io.checkpoint import load_autoencoder
     from ..runtime.latents import decode_latents, ids_to_text, tokenizer_of
 
-    ae = load_autoencoder(model or default_model_path(), tokenizer=str(tokenizer) if tokenizer else None)
+    set_threads(threads)
+    ae = load_autoencoder(model_path(model), tokenizer=str(tokenizer) if tokenizer else None)
     tokenizer_of(ae)
     if source not in (None, "-") and source.endswith(".safetensors"):
         latents, lengths = _read_latent_file(Path(source), ae.config.patch_size)
@@ -128,33 +173,60 @@ def _read_latent_lines(source: Optional[str], patch_size: int):
     return torch.tensor(rows, dtype=torch.float32), lengths
 
 
-def info(model: Optional[Path] = typer.Argument(None, help="Model directory (default: the bundled model)."),
-         as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Configuration, K, parameter counts per part, dtype and file format."""
+@with_examples(
+    "calm info                    # the default model",
+    "calm info -m baseline --json",
+)
+def info(
+    model_arg: Optional[str] = typer.Argument(None, metavar="MODEL", help="Model name or directory (the same as -m)."),
+    model: Optional[str] = ModelOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Configuration, K, parameter counts, dtype and file format."""
     from ..io.checkpoint import describe
 
-    facts = describe(model or default_model_path())
+    if model_arg is not None and model is not None:
+        raise UsageError("give the model once: as MODEL or with -m")
+    facts = describe(model_path(model_arg or model))
     if as_json:
         sys.stdout.write(json.dumps(facts, indent=2) + "\n")
         return
-    out = Console(highlight=False)
-    for key, value in facts.items():
-        if isinstance(value, dict):
-            out.print(f"[bold]{key}[/bold]")
-            for k2, v2 in value.items():
-                out.print(f"  {k2:<26} {v2}")
-        else:
-            out.print(f"[bold]{key:<28}[/bold]{value}")
+    sys.stdout.write(format_info(facts))
 
 
+def format_info(facts: dict) -> str:
+    """`calm info` as aligned text: facts, then parameters (with separators and MB), then each config."""
+    size = BYTES.get(str(facts.get("stored dtype")), 4)
+    scalars = {k: v for k, v in facts.items() if not isinstance(v, dict)}
+    lines = [f"{k:<18}{v}" for k, v in scalars.items()]
+    counts = facts.get("parameters", {})
+    lines += ["", f"{'parameters':<18}{'count':>12}  {'MB':>8}"]
+    lines += [f"  {part:<16}{n:>12,}  {n * size / 1e6:>8.1f}" for part, n in counts.items()]
+    for title in [k for k, v in facts.items() if isinstance(v, dict) and k != "parameters"]:
+        lines += ["", title]
+        lines += [f"  {k:<28}{json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in facts[title].items()]
+    return "\n".join(lines) + "\n"
+
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@with_examples(
+    "calm convert ~/CALM-M ~/calm-m              # authors' layout -> ours",
+    "calm convert default ~/small --dtype fp32   # a float32 copy",
+)
 def convert(
-    src: Path = typer.Argument(..., help="Checkpoint directory (the authors' layout or ours)."),
+    src: str = typer.Argument(..., metavar="SRC", help="Checkpoint directory (the authors' layout or ours) or model name."),
     dst: Path = typer.Argument(..., help="Output directory (our layout: config.json, model.safetensors, tokenizer.json)."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16. Default: the source's dtype (config.json torch_dtype), else fp32."),
     ae: Optional[Path] = typer.Option(None, "--ae", help="Autoencoder directory, overriding the checkpoint's ae_path."),
     force: bool = typer.Option(False, "--force", help="Write into DST even when it is a non-empty folder that holds no model (its other files are kept)."),
 ) -> None:
-    """Rewrite a checkpoint (CALM or token-level baseline) in calm's own single-file layout."""
+    """Rewrite a checkpoint in calm's own single-file layout.
+
+    Takes a CALM checkpoint (the authors' layout or ours) or a token-level baseline; keeps the
+    source's dtype unless --dtype is given, and says so when DST already held a model.
+    """
     from ..io.checkpoint import (
         is_baseline_dir,
         load_baseline,
@@ -162,12 +234,19 @@ def convert(
         save_baseline,
         save_model,
     )
+    from ..io.registry import describe_entry
     from ..runtime.device import DTYPES
 
+    source = model_path(src)
+    if dtype is None:
+        stored = describe_entry(src, source).dtype
+        dtype = stored if stored in DTYPES else "fp32"
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype '{dtype}' (use fp32, bf16 or fp16)")
-    if is_baseline_dir(src):
-        save_baseline(load_baseline(src), dst, dtype=DTYPES[dtype], force=force)
+    replacing = (dst / "config.json").is_file()
+    if is_baseline_dir(source):
+        save_baseline(load_baseline(source), dst, dtype=DTYPES[dtype], force=force)
     else:
-        save_model(load_model(src, ae=str(ae) if ae else None), dst, dtype=DTYPES[dtype], force=force)
-    err.print(f"wrote {dst}")
+        save_model(load_model(source, ae=str(ae) if ae else None), dst, dtype=DTYPES[dtype], force=force)
+    name = str(DTYPES[dtype]).removeprefix("torch.")
+    err.print(f"{'replaced the model at' if replacing else 'wrote'} {dst} ({name})")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -20,14 +18,22 @@ from .common import (
     SamplerOpt,
     SamplesOpt,
     TempOpt,
-    default_model_path,
+    ThreadsOpt,
     err,
     load_for_cli,
+    model_path,
+    set_threads,
 )
+from .typer_setup import with_examples
 
 
+@with_examples(
+    "calm serve                                   # the bundled model on http://127.0.0.1:8000/v1",
+    "calm serve -m baseline --port 8080 --api-key s3cret",
+    "curl -s localhost:8000/v1/completions -d '{\"model\": \"default\", \"prompt\": \"Hi\"}'",
+)
 def serve(
-    model: Optional[Path] = ModelOpt,
+    model: Optional[str] = ModelOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Requests decoded at once (default 8 on CPU, 64 on CUDA)."),
@@ -45,6 +51,7 @@ def serve(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the decode step (default: on for CUDA)."),
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics).
 
@@ -69,15 +76,16 @@ def serve(
     check_settings(defaults)
     check_candidate_decoder(candidate_decoder)
     Template.parse(template or DEFAULT_TEMPLATE)
-    path = model or default_model_path()
-    loaded = load_for_cli(path, device, dtype)
+    path = model_path(model)
+    set_threads(threads)
+    loaded = load_for_cli(str(path), device, dtype)
     if loaded.tokenizer is None:
         raise CalmError("the model has no tokenizer.json: the server needs one")
     use_compile = compile if compile is not None else loaded.transformer.embed_tokens.weight.is_cuda
     engine = Engine(loaded, max_batch=max_batch, candidate_decoder=candidate_decoder, compile=use_compile)
     worker = EngineWorker(engine)
     config = ServeConfig(
-        model_name=name or Path(os.path.abspath(path)).name, defaults=defaults, max_queue=max_queue, api_key=api_key,
+        model_name=name or path.resolve().name, defaults=defaults, max_queue=max_queue, api_key=api_key,
         template=template or DEFAULT_TEMPLATE,
     )
     app = create_app(worker, loaded.tokenizer, config)

@@ -7,18 +7,19 @@ matter for a fresh run; `--resume` takes the model from OUT/checkpoint.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
 import typer
 
 from ..errors import CalmError, UsageError
-from ..io.tokenizer import load_tokenizer
-from ..io.tokenizer import vocab_size as tokenizer_vocab_size
 from ..models.config import AutoencoderConfig, CALMConfig, read_json
 from .common import seed_option
+from .typer_setup import examples, new_typer
 
-train_app = typer.Typer(no_args_is_help=True, help="Train an autoencoder, a CALM model or a token-level baseline.")
+if TYPE_CHECKING:
+    import torch
+
+train_app = new_typer(no_args_is_help=True, help="Train an autoencoder, a CALM model or a token-level baseline.")
 
 Data = typer.Argument(..., help="Prepared data directory with train.bin, heldout.bin and manifest.json.")
 Out = typer.Option(..., "--out", "-o", help="Output directory: OUT/checkpoint (model + trainer state) and OUT/log.jsonl.")
@@ -56,6 +57,7 @@ Intermediate = typer.Option(704, "--intermediate", help="MLP intermediate size."
 def _load_data(data: Path, tokenizer: Optional[Path]) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any], Any]:
     """Train and held-out token arrays, the manifest and the tokenizer (None when not found)."""
     from ..io.documents import load_tokens
+    from ..io.tokenizer import load_tokenizer
 
     if not data.is_dir():
         raise UsageError(f"{data}: no such data directory")
@@ -71,6 +73,10 @@ def _load_data(data: Path, tokenizer: Optional[Path]) -> tuple[torch.Tensor, tor
 
 
 def _vocab(tokens: torch.Tensor, manifest: dict[str, Any], tok: Any) -> int:
+    import torch
+
+    from ..io.tokenizer import vocab_size as tokenizer_vocab_size
+
     size = tokenizer_vocab_size(tok) if tok is not None else manifest.get("vocab_size")
     if not size:
         raise UsageError("no tokenizer and no vocab_size in manifest.json (pass --tokenizer PATH)")
@@ -138,7 +144,7 @@ def _loop(**kw: Any) -> dict[str, Any]:
     return kw
 
 
-@train_app.command()
+@train_app.command(epilog=examples("calm train autoencoder data/prepared --out runs/ae --max-steps 2000", "calm train autoencoder data/prepared --out runs/ae --resume"))
 def autoencoder(
     ctx: typer.Context, data: Path = Data, out: Path = Out, tokenizer: Optional[Path] = Tok,
     hidden: int = typer.Option(256, "--hidden", help="Hidden size."),
@@ -187,7 +193,7 @@ def _backbone_config(vocab: int, special: dict[str, int | None], k: int, hidden:
     )
 
 
-@train_app.command()
+@train_app.command(epilog=examples("calm train calm data/prepared --ae runs/ae/checkpoint --out runs/calm", "calm train calm data/prepared --out runs/calm --resume"))
 def calm(
     ctx: typer.Context, data: Path = Data, out: Path = Out, tokenizer: Optional[Path] = Tok,
     ae: Optional[Path] = typer.Option(None, "--ae", help="Trained autoencoder directory (frozen; needed for a fresh run)."),
@@ -235,7 +241,7 @@ def calm(
     _run("calm", ctx, data, tokenizer, make_config, loop, autoenc)
 
 
-@train_app.command()
+@train_app.command(epilog=examples("calm train baseline data/prepared --out runs/baseline --max-steps 4000"))
 def baseline(
     ctx: typer.Context, data: Path = Data, out: Path = Out, tokenizer: Optional[Path] = Tok,
     hidden: int = Hidden, intermediate: int = Intermediate, layers: int = Layers, heads: int = Heads,

@@ -456,14 +456,41 @@ def evaluate(
     return report
 
 
+FEW_DOCUMENTS = 30  # below this, the bootstrap over documents says little: warn
+WIDE_INTERVAL = 0.5  # warn when the 95% interval is wider than this fraction of the BrierLM itself
+
+
 def format_report(report: dict[str, Any]) -> str:
-    """The human-readable summary `calm eval` prints."""
+    """The human-readable summary `calm eval` prints, with a note on anything that makes the number weak."""
     low, high = report["brierlm_ci95"]
     interval = f"95% CI {low:.2f} – {high:.2f}, bootstrap over documents" if low is not None else "one document: no interval"
     lines = [f"BrierLM  {report['brierlm']:.2f}  ({interval})"]
     lines += [f"Brier-{n}  {report[f'brier{n}']:.4f}" for n in range(1, WIDTH + 1)]
+    docs = report["documents"]
     lines.append(
-        f"{report['positions']} positions in {report['documents']} document{'s' * (report['documents'] != 1)} · K = {report['k']} · "
+        f"{report['positions']} positions in {docs} document{'s' * (docs != 1)} · K = {report['k']} · "
         f"{report['estimator']} · {report['seconds']:.1f} s"
     )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [f"note: {note}" for note in report_notes(report)]) + "\n"
+
+
+def report_notes(report: dict[str, Any]) -> list[str]:
+    """Why a BrierLM is 0 (a Brier-n <= 0 floors the geometric mean), and when the interval or the sample is too small to trust."""
+    notes = []
+    floored = [n for n in range(1, WIDTH + 1) if report[f"brier{n}"] <= 0]
+    if floored:
+        which = ", ".join(f"Brier-{n} = {report[f'brier{n}']:.4f}" for n in floored)
+        notes.append(
+            f"BrierLM is floored at 0 because {which} (<= 0): there the model's two samples matched each other "
+            "at least as often as they matched the text, and a geometric mean needs every term > 0"
+        )
+    low, high = report["brierlm_ci95"]
+    docs = report["documents"]
+    if low is not None and report["brierlm"] > 0 and high - low > WIDE_INTERVAL * report["brierlm"]:
+        notes.append(
+            f"the 95% interval is {high - low:.2f} wide, more than {WIDE_INTERVAL:.0%} of the BrierLM: "
+            "score more documents before comparing models"
+        )
+    if docs < FEW_DOCUMENTS:
+        notes.append(f"only {docs} document{'s' * (docs != 1)}: the interval needs at least {FEW_DOCUMENTS} to mean much")
+    return notes

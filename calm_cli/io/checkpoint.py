@@ -39,6 +39,7 @@ from ..models.config import (
     read_json,
 )
 from .atomic import current_file, replace_files
+from .registry import ModelSpec, resolve_model
 from .tokenizer import load_tokenizer
 from .tokenizer import vocab_size as tokenizer_vocab_size
 
@@ -145,7 +146,7 @@ def _resolve(path_str: str, directory: Path) -> Path:
     return path if path.is_absolute() else (directory / path).resolve()
 
 
-def load_autoencoder(path: str | os.PathLike, *, device=None, dtype=None, tokenizer: str | None = None) -> Autoencoder:
+def load_autoencoder(path: ModelSpec = None, *, device=None, dtype=None, tokenizer: str | None = None) -> Autoencoder:
     """An autoencoder-only directory, or the autoencoder inside a CALM directory."""
     directory = _check_dir(path)
     config = read_json(current_file(directory, "config.json"))
@@ -160,14 +161,14 @@ def load_autoencoder(path: str | os.PathLike, *, device=None, dtype=None, tokeni
 
 
 def load_model(
-    path: str | os.PathLike,
+    path: ModelSpec = None,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     ae: str | None = None,
     tokenizer: str | None = None,
 ) -> CALM:
-    """Load a CALM checkpoint (the authors' layout or ours) ready for inference."""
+    """Load a CALM checkpoint (the authors' layout or ours) ready for inference: a directory or a model name (default: `default`)."""
     directory = _check_dir(path)
     raw = read_json(current_file(directory, "config.json"))
     if "TokenTransformer" in (raw.get("architectures") or []):
@@ -212,15 +213,9 @@ def _is_calm(config: dict[str, Any]) -> bool:
     return "num_hidden_layers" in config or "EnergyTransformer" in architectures
 
 
-def _check_dir(path: str | os.PathLike) -> Path:
-    directory = Path(path).expanduser()
-    if not directory.exists():
-        raise UsageError(f"{directory}: no such model directory")
-    if not directory.is_dir():
-        raise UsageError(f"{directory}: not a directory")
-    if not current_file(directory, "config.json").exists():
-        raise CalmError(f"{directory}: no config.json")
-    return directory
+def _check_dir(path: ModelSpec) -> Path:
+    """A model directory from a name or path; a missing one is the caller's mistake (exit 2)."""
+    return resolve_model(path)
 
 
 def _find_tokenizer(directory: Path, explicit: str | None, vocab_size: int, fallback: Path | None = None) -> Tokenizer | None:
@@ -303,7 +298,7 @@ def _holds_model(folder: Path) -> bool:
     return not any(folder.iterdir()) or current_file(folder, "config.json").is_file()
 
 
-def describe(path: str | os.PathLike) -> dict[str, Any]:
+def describe(path: ModelSpec = None) -> dict[str, Any]:
     """What `calm info` prints: the config, K, parameter counts per part, dtype and file format."""
     directory = _check_dir(path)
     raw = read_json(current_file(directory, "config.json"))
@@ -333,7 +328,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "file format": fmt,
         "stored dtype": raw.get("torch_dtype", "unknown"),
         "parameters": {**counts, "total": sum(counts.values())},
-        "config": config_to_dict(model.config),
+        "config": {k: v for k, v in config_to_dict(model.config).items() if k != "ae_config"},
         "autoencoder config": config_to_dict(model.ae_config),
         "tokenizer": "tokenizer.json" if model.tokenizer is not None else "none",
     }
@@ -372,16 +367,14 @@ def baseline_files(model: TokenTransformer, dtype: torch.dtype | None = None) ->
 
 
 def load_baseline(
-    path: str | os.PathLike,
+    path: ModelSpec = "baseline",
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     tokenizer: str | None = None,
 ) -> TokenTransformer:
-    """Load a `save_baseline` directory ready for inference (eval mode, no gradients)."""
-    directory = Path(path).expanduser()
-    if not directory.is_dir():
-        raise UsageError(f"{directory}: no such model directory")
+    """Load a `save_baseline` directory (or model name) ready for inference (eval mode, no gradients)."""
+    directory = resolve_model(path)
     raw = read_json(current_file(directory, "config.json"))
     if not is_baseline(raw):
         raise CalmError(f"{directory}: config.json does not describe a {ARCHITECTURE} model")
@@ -397,3 +390,20 @@ def load_baseline(
         raise UsageError(f"{tokenizer}: no such tokenizer file")
     model.eval().requires_grad_(False)
     return model.to(device=device, dtype=dtype)
+
+
+def load(
+    model: ModelSpec = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    ae: str | None = None,
+    tokenizer: str | None = None,
+) -> CALM | TokenTransformer:
+    """Whatever the directory holds, CALM or token-level baseline, by name or path (default: $CALM_MODEL, else `default`)."""
+    path = resolve_model(model)
+    if is_baseline_dir(path):
+        if ae:
+            raise UsageError("--ae applies to CALM models; this is a token-level baseline")
+        return load_baseline(path, device=device, dtype=dtype, tokenizer=tokenizer)
+    return load_model(path, device=device, dtype=dtype, ae=ae, tokenizer=tokenizer)
