@@ -32,6 +32,7 @@ COLUMNS: list[tuple[str, Callable[[Row], str]]] = [
     ("batch", lambda r: str(r["batch"])),
     ("T", lambda r: f"{r['temp']:g}"),
     ("decoder", lambda r: r.get("candidate_decoder") or "-"),
+    ("cand. dtype", lambda r: r.get("candidate_dtype") or "-"),
     ("decodes/step", lambda r: f"{r['decodes_per_step']:.1f}" if r.get("decodes_per_step") is not None else "-"),
     ("prefill tok/s", lambda r: _pm(r["prefill_tok_s"], r["prefill_tok_s_std"], 0)),
     ("decode tok/s", lambda r: _pm(r["decode_tok_s"], r["decode_tok_s_std"])),

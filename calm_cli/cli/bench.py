@@ -45,6 +45,11 @@ def bench(
         "fast", "--candidate-decoder",
         help="CALM candidate decoder(s): fast, dense, or dense,fast for one row of each (same tokens; see generate --help).",
     ),
+    candidate_dtype: str = typer.Option(
+        "auto", "--candidate-dtype",
+        help="dtype of the head's draws and the decoder's layers: auto (bf16 where the device has fast bf16), float32, bf16, "
+        "or a list such as float32,bf16 for one row of each.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for the prompts and the sampling."),
     peak_gbs: Optional[float] = typer.Option(None, "--peak-gbs", help="Memory bandwidth of the device in GB/s (H200: 4800), for the bandwidth fraction."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with a 'rows' list instead of the table."),
@@ -87,7 +92,8 @@ def bench(
     options = BenchOptions(
         ks=parse_list(k or "4", int, "--K"), batches=parse_list(batch, int, "--concurrency"), temperatures=parse_list(temp, float, "--temp"),
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, repetitions=repetitions, num_samples=samples, sampler=sampler,
-        candidate_decoders=[name.strip() for name in candidate_decoder.split(",") if name.strip()], seed=seed, peak_gbs=peak_gbs,
+        candidate_decoders=[name.strip() for name in candidate_decoder.split(",") if name.strip()],
+        candidate_dtypes=[name.strip() for name in candidate_dtype.split(",") if name.strip()], seed=seed, peak_gbs=peak_gbs,
     )
     check_options(options)
     dev = resolve_device(device)

@@ -107,10 +107,10 @@ class Engine:
 
     def __init__(
         self, model: CALM | TokenTransformer, *, max_batch: int | None = None, candidate_decoder: str = "fast",
-        compile: bool = False,
+        compile: bool = False, candidate_dtype: str = "auto",
     ) -> None:
         self.model = model
-        self.runner = make_runner(model, candidate_decoder)
+        self.runner = make_runner(model, candidate_decoder, candidate_dtype)
         self.config = model.config
         self.k = self.runner.unit
         self.context = self.runner.context

@@ -19,6 +19,7 @@ from ..models.backbone import Backbone, KVCache
 from ..models.baseline import TokenTransformer
 from ..models.calm import CALM
 from .fastdecode import FastCandidateDecoder
+from .precision import cast_copy, decoder_layers, resolve_candidate_dtype
 from .rng import RowRandom
 from .sampling import SamplingStats, select_from_pool, temperature_sample
 from .settings import GenerationSettings
@@ -104,20 +105,36 @@ class TokenRunner(Runner):
 class CALMRunner(Runner):
     """CALM: a chunk of K tokens per step, drawn by the energy head and decoded by the autoencoder."""
 
-    def __init__(self, model: CALM, candidate_decoder: str = "fast") -> None:
+    def __init__(self, model: CALM, candidate_decoder: str = "fast", candidate_dtype: str = "auto") -> None:
         check_candidate_decoder(candidate_decoder)
         self.model, self.config, self.backbone = model, model.config, model.transformer
         self.unit = model.config.patch_size
+        weight = model.ae_model.decoder.lm_head_weight
+        # The head and the decoder's layers in this dtype (calm_cli/runtime/precision.py); the argmax stays float32.
+        self.dtype = resolve_candidate_dtype(candidate_dtype, weight.dtype, weight.device)
+        self.head = cast_copy(model.generative_head, self.dtype)
+        self.decoder = decoder_layers(model.ae_model.decoder, self.dtype)
         # Both give the same chunks (calm_cli/runtime/fastdecode.py); dense is kept for comparison.
-        self.decode_chunks = FastCandidateDecoder(model.ae_model) if candidate_decoder == "fast" else model.ae_model.decode_tokens
+        fast = FastCandidateDecoder(model.ae_model, self.token_states) if candidate_decoder == "fast" else None
+        self.decode_chunks = fast or self._dense_chunks
 
     def embed(self, ids: Tensor) -> Tensor:
         return self.model.embed_chunks(ids)
 
     def latents(self, hidden: Tensor, rng: RowRandom, n: int) -> Tensor:
-        """n head draws per row [R, n, latent], the noise from each row's own stream."""
+        """n head draws per row [R, n, latent] in the candidate dtype, the noise from each row's own stream."""
         noise = rng.uniform((hidden.shape[0], n, self.config.noise_size), dtype=hidden.dtype) - 0.5
-        return self.model.generative_head(hidden.unsqueeze(-2), noise)
+        dtype = self.dtype
+        return self.head(hidden.unsqueeze(-2).to(dtype), noise.to(dtype))
+
+    def token_states(self, latents: Tensor) -> Tensor:
+        """Latents [..., P, latent] -> final decoder states [..., P * K, H] in the output matrix's dtype."""
+        weight = self.model.ae_model.decoder.lm_head_weight
+        return self.decoder.hidden(latents.to(self.dtype)).to(weight.dtype)
+
+    def _dense_chunks(self, latents: Tensor) -> Tensor:
+        """Latents [..., latent] -> argmax chunks [..., K] over the whole vocabulary, in the output matrix's dtype."""
+        return F.linear(self.token_states(latents.unsqueeze(-2)), self.model.ae_model.decoder.lm_head_weight).argmax(-1)
 
     def sample(
         self, hidden: Tensor, rng: RowRandom, settings: GenerationSettings, stats: SamplingStats,
@@ -212,9 +229,8 @@ class CALMRunner(Runner):
 
     def _prefix_scores(self, latents: Tensor, prefix: Tensor) -> Tensor:
         """Sum over the fixed positions of log P(prefix token | latent): latents [M, P, latent] -> [M, P]."""
-        decoder = self.model.ae_model.decoder
-        weight = decoder.lm_head_weight
-        hidden = decoder.hidden(latents.unsqueeze(-2))  # [M, P, K, H]
+        weight = self.model.ae_model.decoder.lm_head_weight
+        hidden = self.token_states(latents.unsqueeze(-2))  # [M, P, K, H]
         m, p = hidden.shape[:2]
         total = torch.zeros(m, p, dtype=torch.float32, device=latents.device)
         step = max(1, SCORE_ELEMENTS // weight.shape[0])
@@ -238,8 +254,8 @@ def _matches(candidates: Tensor, prefix: Tensor) -> Tensor:
     return ((candidates == prefix[:, None]) | (prefix < 0)[:, None]).all(-1)
 
 
-def make_runner(model: CALM | TokenTransformer, candidate_decoder: str = "fast") -> Runner:
+def make_runner(model: CALM | TokenTransformer, candidate_decoder: str = "fast", candidate_dtype: str = "auto") -> Runner:
     if isinstance(model, TokenTransformer):
         return TokenRunner(model)
-    return CALMRunner(model, candidate_decoder)
+    return CALMRunner(model, candidate_decoder, candidate_dtype)
 
