@@ -38,7 +38,7 @@ from ..models.backbone import KVCache
 from ..models.baseline import TokenTransformer
 from ..models.calm import CALM
 from .rng import RowRandom, mix64, new_seed
-from .runners import make_runner
+from .runners import Runner, make_runner
 from .sampling import SamplingStats
 from .settings import GenerationSettings, check_settings
 
@@ -57,6 +57,18 @@ def default_max_batch(device: torch.device) -> int:
     reading the weights and rows come almost free.
     """
     return DEFAULT_MAX_BATCH.get(device.type, 8)
+
+
+def compiled_step(runner: Runner) -> Callable[[KVCache, torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """`runner.step` under torch.compile as one graph (fullgraph: a graph break is an error, not a slow path).
+
+    Each row's cache position is the `lengths` tensor, so the graph does not change as rows
+    grow; only the batch rows and the attention span (a multiple of SPAN_QUANTUM) are
+    shapes. They start static and turn symbolic the first time one changes (torch's
+    automatic dynamic shapes), so a run compiles at most about three times, not once per
+    bucket.
+    """
+    return torch.compile(runner.step, fullgraph=True, dynamic=None)
 
 
 @dataclass
@@ -135,7 +147,7 @@ class Engine:
         self.step_s = 0.0  # time in decode steps, summed
         self._waiting: deque[Request] = deque()
         self._lock = threading.Lock()
-        self._step = torch.compile(self.runner.step, dynamic=True) if compile else self.runner.step
+        self._step = compiled_step(self.runner) if compile else self.runner.step
 
     # ---- requests --------------------------------------------------------------------------
 
