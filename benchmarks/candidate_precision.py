@@ -68,9 +68,9 @@ def main() -> None:
         for position in map(int, args.positions.split(",")):
             hidden = states[position]
             rng = RowRandom.from_seeds([position])
-            a = exact.decode_chunks(exact.latents(hidden[None], rng, 200))
+            a = exact.pool.decode_chunks(exact.pool.latents(hidden[None], rng, 200))
             rng = RowRandom.from_seeds([position])
-            b = low.decode_chunks(low.latents(hidden[None], rng, 200))
+            b = low.pool.decode_chunks(low.pool.latents(hidden[None], rng, 200))
             chunk_agree = (a == b).all(-1).float().mean().item()
             token_agree = (a == b).float().mean().item()
             s = args.seeds

@@ -205,7 +205,7 @@ def test_leftover_scoring_memory_does_not_grow_with_the_vocabulary(monkeypatch) 
     latents = torch.randn(rows, pool, 8)
     prefix = torch.tensor([[5, 6, 7, -1]] * rows)
     with torch.inference_mode(), _LargestTensor() as probe:
-        scores = runner._prefix_scores(latents, prefix)
+        scores = runner._prefix_scores(runner.pool, latents, prefix)
     old_path = rows * pool * 4 * model.config.vocab_size
     ae = model.ae_model.config
     assert probe.largest <= rows * pool * 4 * max(ae.hidden_size, ae.intermediate_size) < old_path / 10

@@ -31,6 +31,7 @@ COLUMNS: list[tuple[str, Callable[[Row], str]]] = [
     ("K", lambda r: str(r["K"])),
     ("batch", lambda r: str(r["batch"])),
     ("T", lambda r: f"{r['temp']:g}"),
+    ("compiled", lambda r: "yes" if r.get("compile") else "no"),
     ("decoder", lambda r: r.get("candidate_decoder") or "-"),
     ("cand. dtype", lambda r: r.get("candidate_dtype") or "-"),
     ("decodes/step", lambda r: f"{r['decodes_per_step']:.1f}" if r.get("decodes_per_step") is not None else "-"),

@@ -58,6 +58,9 @@ def bench(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the decode step and the candidate decoding (default: on for CUDA)."),
+    eager_too: bool = typer.Option(
+        False, "--eager-too", help="With --compile: an eager row beside each compiled one, measured in turn (A B A B) in the same run.",
+    ),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
 ) -> None:
     """Decode speed of CALM against the token-level baseline with the same backbone, side by side.
@@ -98,6 +101,7 @@ def bench(
     check_options(options)
     dev = resolve_device(device)
     options.compile = compile if compile is not None else dev.type == "cuda"
+    options.eager_too = eager_too
     dt = resolve_dtype(dtype, dev)
     if model is not None:
         makers, source = checkpoint_subjects(model, baseline, dev, dt), str(model)

@@ -18,8 +18,7 @@ from ..errors import UsageError
 from ..models.backbone import Backbone, KVCache
 from ..models.baseline import TokenTransformer
 from ..models.calm import CALM
-from .fastdecode import FastCandidateDecoder
-from .precision import cast_copy, decoder_layers, resolve_candidate_dtype
+from .precision import CandidatePath, candidate_dtypes, draws_one
 from .rng import RowRandom
 from .sampling import SamplingStats, select_from_pool, temperature_sample
 from .settings import GenerationSettings
@@ -110,31 +109,17 @@ class CALMRunner(Runner):
         self.model, self.config, self.backbone = model, model.config, model.transformer
         self.unit = model.config.patch_size
         weight = model.ae_model.decoder.lm_head_weight
-        # The head and the decoder's layers in this dtype (calm_cli/runtime/precision.py); the argmax stays float32.
-        self.dtype = resolve_candidate_dtype(candidate_dtype, weight.dtype, weight.device)
-        self.head = cast_copy(model.generative_head, self.dtype)
-        self.decoder = decoder_layers(model.ae_model.decoder, self.dtype)
-        # Both give the same chunks (calm_cli/runtime/fastdecode.py); dense is kept for comparison.
-        fast = FastCandidateDecoder(model.ae_model, self.token_states) if candidate_decoder == "fast" else None
-        self.decode_chunks = fast or self._dense_chunks
+        # Pools (T < 1) and single draws (T = 1) may run in different dtypes: calm_cli/runtime/precision.py.
+        pool, single = candidate_dtypes(candidate_dtype, weight.dtype, weight.device)
+        self.pool = CandidatePath(model, pool, candidate_decoder)
+        self.single = self.pool if single == pool else CandidatePath(model, single, candidate_decoder)
 
     def embed(self, ids: Tensor) -> Tensor:
         return self.model.embed_chunks(ids)
 
-    def latents(self, hidden: Tensor, rng: RowRandom, n: int) -> Tensor:
-        """n head draws per row [R, n, latent] in the candidate dtype, the noise from each row's own stream."""
-        noise = rng.uniform((hidden.shape[0], n, self.config.noise_size), dtype=hidden.dtype) - 0.5
-        dtype = self.dtype
-        return self.head(hidden.unsqueeze(-2).to(dtype), noise.to(dtype))
-
-    def token_states(self, latents: Tensor) -> Tensor:
-        """Latents [..., P, latent] -> final decoder states [..., P * K, H] in the output matrix's dtype."""
-        weight = self.model.ae_model.decoder.lm_head_weight
-        return self.decoder.hidden(latents.to(self.dtype)).to(weight.dtype)
-
-    def _dense_chunks(self, latents: Tensor) -> Tensor:
-        """Latents [..., latent] -> argmax chunks [..., K] over the whole vocabulary, in the output matrix's dtype."""
-        return F.linear(self.token_states(latents.unsqueeze(-2)), self.model.ae_model.decoder.lm_head_weight).argmax(-1)
+    def path(self, temperature: float) -> CandidatePath:
+        """The candidate path for a temperature: T = 1 draws one candidate per step, T < 1 a pool."""
+        return self.single if draws_one(temperature) else self.pool
 
     def sample(
         self, hidden: Tensor, rng: RowRandom, settings: GenerationSettings, stats: SamplingStats,
@@ -143,9 +128,11 @@ class CALMRunner(Runner):
         if prefixes is not None:
             return self._after_prefix(hidden, rng, settings, stats, prefixes)
 
+        path = self.path(settings.temperature)
+
         def draw(n: int, rows: Tensor | None = None) -> Tensor:
             h, r = (hidden, rng) if rows is None else (hidden[rows], rng.rows(rows))
-            return self.decode_chunks(self.latents(h, r, n))
+            return path.decode_chunks(path.latents(h, r, n))
 
         return temperature_sample(
             draw, settings.temperature, method=settings.sampler, num_samples=settings.num_samples, generator=rng,
@@ -165,25 +152,25 @@ class CALMRunner(Runner):
         decoder gives the leftover the highest log-probability, scored at the r positions
         only and in slices, so memory stays bounded at any vocabulary.
         """
-        k = self.unit
+        k, path = self.unit, self.path(settings.temperature)
         prefix = torch.tensor([p + [-1] * (k - len(p)) for p in prefixes], dtype=torch.long, device=hidden.device)
         fixed = prefix >= 0
         if settings.sampler == "exact" and settings.temperature not in (0.0, 1.0):
             chunks = temperature_sample(
-                self._matching_draw(hidden, rng, prefix, settings.num_samples, stats), settings.temperature,
+                self._matching_draw(path, hidden, rng, prefix, settings.num_samples, stats), settings.temperature,
                 method="exact", num_samples=settings.num_samples, generator=rng, block=EXACT_BLOCK,
                 max_block=settings.num_samples, stats=stats,
             )
             return torch.where(fixed, prefix, chunks)
         pool = max(settings.num_samples, LEFTOVER_POOL)
-        latents = self.latents(hidden, rng, pool)
-        candidates = self.decode_chunks(latents)
+        latents = path.latents(hidden, rng, pool)
+        candidates = path.decode_chunks(latents)
         match = _matches(candidates, prefix)
         found = match.any(-1)
         chosen = select_from_pool(candidates, settings.temperature, generator=rng, valid=match | ~found[:, None])
         missing = (~found).nonzero().squeeze(1)  # a host sync, on a request's first step only
         if missing.numel():
-            best = self._prefix_scores(latents[missing], prefix[missing]).argmax(-1)
+            best = self._prefix_scores(path, latents[missing], prefix[missing]).argmax(-1)
             chosen[missing] = candidates[missing, best]
             stats.fallbacks += missing.numel()
         stats.steps += 1
@@ -192,7 +179,9 @@ class CALMRunner(Runner):
         stats.draws += hidden.shape[0] * pool
         return torch.where(fixed, prefix, chosen)
 
-    def _matching_draw(self, hidden: Tensor, rng: RowRandom, prefix: Tensor, num_samples: int, stats: SamplingStats):
+    def _matching_draw(
+        self, path: CandidatePath, hidden: Tensor, rng: RowRandom, prefix: Tensor, num_samples: int, stats: SamplingStats
+    ):
         """A draw function for the exact sampler: n candidates per row that all start with the row's prefix.
 
         Pools are drawn until every row has n matches; a row still short after
@@ -208,8 +197,8 @@ class CALMRunner(Runner):
             have = torch.zeros(len(index), dtype=torch.long, device=hidden.device)
             size = max(LEFTOVER_POOL, 4 * n)
             for _ in range(LEFTOVER_BUDGET):
-                latents = self.latents(h, r, size)
-                candidates = self.decode_chunks(latents)
+                latents = path.latents(h, r, size)
+                candidates = path.decode_chunks(latents)
                 match = _matches(candidates, want)
                 slot = have[:, None] + match.cumsum(1) - 1
                 take = match & (slot < n)
@@ -220,17 +209,17 @@ class CALMRunner(Runner):
                     return out
             short = (have < n).nonzero().squeeze(1)
             stats.fallbacks += short.numel()
-            best = self._prefix_scores(latents[short], want[short]).argmax(-1)
+            best = self._prefix_scores(path, latents[short], want[short]).argmax(-1)
             fallback = torch.where((have[short] > 0)[:, None], out[short, 0], candidates[short, best])
             out[short] = fallback[:, None].expand(-1, n, -1)
             return out
 
         return draw
 
-    def _prefix_scores(self, latents: Tensor, prefix: Tensor) -> Tensor:
+    def _prefix_scores(self, path: CandidatePath, latents: Tensor, prefix: Tensor) -> Tensor:
         """Sum over the fixed positions of log P(prefix token | latent): latents [M, P, latent] -> [M, P]."""
         weight = self.model.ae_model.decoder.lm_head_weight
-        hidden = self.token_states(latents.unsqueeze(-2))  # [M, P, K, H]
+        hidden = path.states(latents.unsqueeze(-2))  # [M, P, K, H]
         m, p = hidden.shape[:2]
         total = torch.zeros(m, p, dtype=torch.float32, device=latents.device)
         step = max(1, SCORE_ELEMENTS // weight.shape[0])
