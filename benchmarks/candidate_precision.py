@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("-m", "--model", default="weights/default")
     parser.add_argument("--seeds", type=int, default=1000)
     parser.add_argument("--temp", type=float, default=0.5)
-    parser.add_argument("--positions", default="4,12,20")
+    parser.add_argument("--positions", default="4,8,12")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = load_model(args.model).float().eval()
