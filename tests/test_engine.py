@@ -224,11 +224,6 @@ def test_the_decode_step_compiles_as_one_graph() -> None:
         explained = torch._dynamo.explain(runner.step)(cache, ids, lengths, 64)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
-    path = runner.path(0.5)
-    with torch.inference_mode():
-        latents = torch._dynamo.explain(path.head)(torch.randn(3, 1, 32).to(path.dtype), torch.rand(3, 16, 8).to(path.dtype))
-        states = torch._dynamo.explain(path.decoder.hidden)(torch.randn(3, 16, 1, 8).to(path.dtype))
-    assert latents.graph_break_count == states.graph_break_count == 0
 
 
 def test_compiled_engine_traces_to_the_eager_tokens(monkeypatch) -> None:

@@ -62,17 +62,12 @@ def default_max_batch(device: torch.device) -> int:
 def compiled_step(runner: Runner) -> Callable[[KVCache, torch.Tensor, torch.Tensor, int], torch.Tensor]:
     """`runner.step` under torch.compile as one graph (fullgraph: a graph break is an error, not a slow path).
 
-    The runner's sampling compiles its own pure tensor parts (CALM: the head and the decoder's
-    layers, `CandidatePath.compile`); the certified argmax and the temperature rule branch on
-    data and stay eager.
-
     Each row's cache position is the `lengths` tensor, so the graph does not change as rows
     grow; only the batch rows and the attention span (a multiple of SPAN_QUANTUM) are
     shapes. They start static and turn symbolic the first time one changes (torch's
     automatic dynamic shapes), so a run compiles at most about three times, not once per
     bucket.
     """
-    runner.compile_sampling()
     return torch.compile(runner.step, fullgraph=True, dynamic=None)
 
 

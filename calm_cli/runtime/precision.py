@@ -93,7 +93,6 @@ class CandidatePath:
         self.head = cast_copy(model.generative_head, dtype)
         self.decoder = decoder_layers(model.ae_model.decoder, dtype)
         self.weight = model.ae_model.decoder.lm_head_weight
-        self._head, self._hidden = self.head, self.decoder.hidden  # what `compile` replaces
         # Both give the same chunks (calm_cli/runtime/fastdecode.py); dense is kept for comparison.
         fast = FastCandidateDecoder(model.ae_model, self.states) if candidate_decoder == "fast" else None
         self.decode_chunks = fast or self._dense_chunks
@@ -101,20 +100,11 @@ class CandidatePath:
     def latents(self, hidden: Tensor, rng: RowRandom, n: int) -> Tensor:
         """n head draws per row [R, n, latent] in this dtype, the noise from each row's own stream."""
         noise = rng.uniform((hidden.shape[0], n, self.noise_size), dtype=hidden.dtype) - 0.5
-        return self._head(hidden.unsqueeze(-2).to(self.dtype), noise.to(self.dtype))
+        return self.head(hidden.unsqueeze(-2).to(self.dtype), noise.to(self.dtype))
 
     def states(self, latents: Tensor) -> Tensor:
         """Latents [..., P, latent] -> final decoder states [..., P * K, H], in the output matrix's dtype."""
-        return self._hidden(latents.to(self.dtype)).to(self.weight.dtype)
-
-    def compile(self) -> None:
-        """torch.compile the head and the decoder's layers, one graph each: fuses their many small element-wise kernels.
-
-        The argmax and its certificate stay eager (they branch on the data). Shapes start
-        static and turn symbolic when they change, as in the engine's compiled step.
-        """
-        self._head = torch.compile(self.head, fullgraph=True, dynamic=None)
-        self._hidden = torch.compile(self.decoder.hidden, fullgraph=True, dynamic=None)
+        return self.decoder.hidden(latents.to(self.dtype)).to(self.weight.dtype)
 
     def _dense_chunks(self, latents: Tensor) -> Tensor:
         """Latents [..., latent] -> argmax chunks [..., K] over the whole vocabulary."""

@@ -76,9 +76,6 @@ class Runner:
         """One input per slot, ids [B, unit], written at each slot's own length; hidden states [B, H]."""
         return self.backbone.decode(self.embed(ids), lengths, cache, span)[:, 0]
 
-    def compile_sampling(self) -> None:
-        """torch.compile what `sample` runs, where that pays; nothing by default."""
-
 
 class TokenRunner(Runner):
     """The baseline: one token per step, exact temperature (T = 0 is the argmax)."""
@@ -119,10 +116,6 @@ class CALMRunner(Runner):
 
     def embed(self, ids: Tensor) -> Tensor:
         return self.model.embed_chunks(ids)
-
-    def compile_sampling(self) -> None:
-        for path in {id(self.pool): self.pool, id(self.single): self.single}.values():
-            path.compile()
 
     def path(self, temperature: float) -> CandidatePath:
         """The candidate path for a temperature: T = 1 draws one candidate per step, T < 1 a pool."""
