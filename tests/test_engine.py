@@ -225,13 +225,13 @@ class _LargestTensor(TorchDispatchMode):
 def test_leftover_scoring_memory_does_not_grow_with_the_vocabulary(monkeypatch) -> None:
     """The prefix log-probabilities are scored in slices: the old path held pool x K x V float32 logits per row."""
     model = _calm(4, eos=None, vocab=2000)
-    runner = runners.CALMRunner(model, "dense")
+    runner = runners.CALMRunner(model, "dense", "float32")  # compared with the float32 decoder below
     monkeypatch.setattr(runners, "SCORE_ELEMENTS", 1024)
     rows, pool = 6, 64
     latents = torch.randn(rows, pool, 8)
     prefix = torch.tensor([[5, 6, 7, -1]] * rows)
     with torch.inference_mode(), _LargestTensor() as probe:
-        scores = runner._prefix_scores(latents, prefix)
+        scores = runner._prefix_scores(runner.pool, latents, prefix)
     old_path = rows * pool * 4 * model.config.vocab_size
     ae = model.ae_model.config
     assert probe.largest <= rows * pool * 4 * max(ae.hidden_size, ae.intermediate_size) < old_path / 10
@@ -239,3 +239,32 @@ def test_leftover_scoring_memory_does_not_grow_with_the_vocabulary(monkeypatch) 
         logp = torch.log_softmax(model.ae_model.decoder(latents.unsqueeze(-2)).float(), -1)  # [rows, pool, K, V]
     expected = logp[..., 0, 5] + logp[..., 1, 6] + logp[..., 2, 7]
     assert torch.allclose(scores, expected, atol=1e-4)
+
+
+def test_the_decode_step_compiles_as_one_graph() -> None:
+    """`--compile` uses fullgraph=True: a host sync or Python branch on a tensor in the step would break it."""
+    runner = runners.make_runner(_calm(4))
+    cache = runner.new_cache(3)
+    ids, lengths = torch.randint(3, 96, (3, 4)), torch.tensor([0, 5, 9])
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(runner.step)(cache, ids, lengths, 64)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+def test_compiled_engine_traces_to_the_eager_tokens(monkeypatch) -> None:
+    """The engine's compiled step, traced by dynamo (aot_eager: no C++ build, so it fits CI), gives the eager tokens.
+
+    The batch changes size as requests finish, which exercises the recompile to dynamic shapes;
+    inductor's own kernels are compared in tests/test_bench.py (CUDA or CALM_TEST_COMPILE=1).
+    """
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, **{**kw, "backend": "aot_eager"}))
+    model = _calm(2)
+    prompts = _prompts(3, seed=4)
+    for temperature in (1.0, 0.5):
+        budgets = [GenerationSettings(max_tokens=n, temperature=temperature, num_samples=16, seed=5, ignore_eos=True)
+                   for n in (6, 10, 14)]
+        eager = decode_all(Engine(model, max_batch=3), prompts, budgets)
+        assert decode_all(Engine(model, max_batch=3, compile=True), prompts, budgets) == eager
+        assert [len(tokens) for tokens in eager] == [6, 10, 14]

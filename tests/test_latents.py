@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from calm_cli.cli.common import default_model_path
 from calm_cli.io.checkpoint import load_autoencoder
+from calm_cli.io.registry import resolve_model
 from calm_cli.runtime.latents import (
     decode_latents,
     encode_text,
@@ -19,7 +19,7 @@ TEXTS = ["ab", "Hi.", "The quick brown fox jumps over the lazy dog.", "A plain s
 
 @pytest.fixture(scope="module")
 def ae():
-    return load_autoencoder(default_model_path())
+    return load_autoencoder(resolve_model("default"))
 
 
 @pytest.mark.parametrize("text", TEXTS)

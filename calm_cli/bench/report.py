@@ -30,6 +30,13 @@ def _bandwidth(r: Row) -> str:
     return f"{r['bandwidth_gbs']:.2f}" + (f" ({frac:.0%})" if frac is not None else "")
 
 
+def _variant(r: Row) -> str:
+    """Candidate decoder and dtype, and whether the step was compiled, in a few characters: "fast bf16 +c"."""
+    dtype = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(r.get("candidate_dtype") or "", r.get("candidate_dtype") or "")
+    parts = [r.get("candidate_decoder") or "-", dtype, "+c" if r.get("compile") else ""]
+    return " ".join(part for part in parts if part)
+
+
 def _speedup(r: Row) -> str:
     value = r.get("speedup_vs_baseline")
     return f"{value:.2f}x" if value is not None else "-"
@@ -42,7 +49,9 @@ WIDE: list[Column] = [
     ("K", lambda r, n: str(r["K"])),
     ("batch", lambda r, n: str(r["batch"])),
     ("T", lambda r, n: f"{r['temp']:g}"),
+    ("compiled", lambda r, n: "yes" if r.get("compile") else "no"),
     ("decoder", lambda r, n: r.get("candidate_decoder") or "-"),
+    ("cand. dtype", lambda r, n: r.get("candidate_dtype") or "-"),
     ("decodes/step", lambda r, n: f"{r['decodes_per_step']:.1f}" if r.get("decodes_per_step") is not None else "-"),
     ("prefill tok/s", lambda r, n: _pm(r["prefill_tok_s"], r["prefill_tok_s_std"], 0, n)),
     ("decode tok/s", lambda r, n: _pm(r["decode_tok_s"], r["decode_tok_s_std"], 1, n)),
@@ -58,7 +67,7 @@ NARROW: list[Column] = [
     ("K", lambda r, n: str(r["K"])),
     ("batch", lambda r, n: str(r["batch"])),
     ("T", lambda r, n: f"{r['temp']:g}"),
-    ("decoder", lambda r, n: r.get("candidate_decoder") or "-"),
+    ("decoder", lambda r, n: _variant(r)),
     ("tok/s", lambda r, n: f"{r['decode_tok_s']:.1f}"),
     ("steps/s", lambda r, n: f"{r['vector_steps_s']:.1f}"),
     ("TTFT ms", lambda r, n: f"{r['ttft_ms']:.1f}"),
@@ -66,7 +75,10 @@ NARROW: list[Column] = [
     ("peak MB", lambda r, n: f"{r['peak_mem_mb']:.0f}"),
     ("vs base", lambda r, n: _speedup(r)),
 ]
-NARROW_NOTE = "tok/s: decode tokens/s (mean of runs) · steps/s: vector steps/s · step ms: median · vs base: speedup over the baseline"
+NARROW_NOTE = (
+    "decoder: candidate decoder, candidate dtype, +c when compiled · tok/s: decode tokens/s (mean of runs) · "
+    "steps/s: vector steps/s · step ms: median · vs base: speedup over the baseline"
+)
 
 
 def summary(report: dict[str, Any]) -> str:

@@ -42,6 +42,7 @@ from ..models.baseline import TokenTransformer
 from ..models.calm import CALM
 from ..models.config import AutoencoderConfig, CALMConfig, config_from_dict, read_json
 from ..runtime.engine import Engine
+from ..runtime.precision import CANDIDATE_DTYPES
 from ..runtime.runners import CANDIDATE_DECODERS
 from ..runtime.sampling import SamplingStats
 from ..runtime.settings import GenerationSettings
@@ -85,8 +86,10 @@ class BenchOptions:
     num_samples: int = 200
     sampler: str = "approx"
     candidate_decoders: list[str] = field(default_factory=lambda: ["fast"])
+    candidate_dtypes: list[str] = field(default_factory=lambda: ["auto"])
     seed: int = 0
     compile: bool = False
+    eager_too: bool = False  # with compile: an eager engine of each subject too, measured in turn with the compiled one
     peak_gbs: float | None = None
 
 
@@ -114,6 +117,8 @@ def check_options(options: BenchOptions) -> None:
         raise UsageError(f"--sampler must be 'approx' or 'exact', got '{options.sampler}'")
     if not options.candidate_decoders or set(options.candidate_decoders) - set(CANDIDATE_DECODERS):
         raise UsageError(f"--candidate-decoder takes dense, fast or dense,fast, got '{','.join(options.candidate_decoders)}'")
+    if not options.candidate_dtypes or set(options.candidate_dtypes) - set(CANDIDATE_DTYPES):
+        raise UsageError(f"--candidate-dtype takes auto, float32, bf16 or a list of them, got '{','.join(options.candidate_dtypes)}'")
     if options.peak_gbs is not None and options.peak_gbs <= 0:
         raise UsageError("--peak-gbs must be positive")
 
@@ -249,20 +254,23 @@ class PeakMemory:
 
 @dataclass
 class Arm:
-    """One engine under test: a subject with one candidate decoder, its slots sized to the concurrency."""
+    """One engine under test: a subject with one candidate decoder and dtype, its slots sized to the concurrency."""
 
     subject: Subject
     candidate_decoder: str | None
+    candidate_dtype: str = "auto"
+    compile: bool = False
     engine: Engine | None = None
 
     @property
     def is_calm(self) -> bool:
         return isinstance(self.subject.model, CALM)
 
-    def engine_for(self, concurrency: int, compile: bool) -> Engine:
+    def engine_for(self, concurrency: int) -> Engine:
         if self.engine is None or self.engine.max_batch != concurrency:
             self.engine = Engine(
-                self.subject.model, max_batch=concurrency, candidate_decoder=self.candidate_decoder or "dense", compile=compile
+                self.subject.model, max_batch=concurrency, candidate_decoder=self.candidate_decoder or "dense", compile=self.compile,
+                candidate_dtype=self.candidate_dtype,
             )
         return self.engine
 
@@ -323,7 +331,8 @@ def _row(arm: Arm, concurrency: int, temperature: float, options: BenchOptions, 
     bandwidth = weight_bytes * rate / (concurrency * k) / 1e9
     row = {
         "kind": "calm" if arm.is_calm else "baseline", "K": k, "batch": concurrency, "temp": temperature,
-        "candidate_decoder": arm.candidate_decoder,
+        "compile": arm.compile, "candidate_decoder": arm.candidate_decoder,
+        "candidate_dtype": str(arm.engine.runner.path(temperature).dtype).removeprefix("torch.") if arm.is_calm else None,
         # Candidate chunks decoded per row and step; None for the baseline.
         "decodes_per_step": stats.draws / stats.rows if arm.is_calm and stats.rows else None,
         "prompt_tokens": prompt, "new_tokens": steps * k, "decode_steps": steps,
@@ -340,7 +349,7 @@ def _row(arm: Arm, concurrency: int, temperature: float, options: BenchOptions, 
 
 def measure(arms: list[Arm], concurrency: int, temperature: float, options: BenchOptions, peak: PeakMemory) -> list[dict[str, Any]]:
     """Rows for every arm at one concurrency and temperature: warm-ups, then timed runs in turn (A B A B)."""
-    engines = [arm.engine_for(concurrency, options.compile) for arm in arms]
+    engines = [arm.engine_for(concurrency) for arm in arms]
     plans = []
     for arm, engine in zip(arms, engines):
         k = arm.subject.k
@@ -391,7 +400,9 @@ def run_bench(
         dtype = next(subject.model.parameters()).dtype
         is_calm = isinstance(subject.model, CALM)
         names = options.candidate_decoders if is_calm else [None]  # a baseline has no candidates to decode
-        arms += [Arm(subject, name) for name in names]
+        dtypes = options.candidate_dtypes if is_calm else ["auto"]
+        modes = [False, True] if options.compile and options.eager_too else [options.compile]
+        arms += [Arm(subject, name, dtype_name, mode) for mode in modes for name in names for dtype_name in dtypes]
         models.append({
             "kind": subject.kind, "K": subject.k, "params": sum(p.numel() for p in subject.model.parameters()),
             "weight_mb": round(decode_weight_bytes(subject.model) / 2**20, 2), "load_s": round(subject.load_s, 3),
@@ -402,19 +413,21 @@ def run_bench(
             progress(f"concurrency {concurrency} T={temperature}: {len(arms)} engines, {options.repetitions} runs each in turn")
             for row in measure(arms, concurrency, temperature, options, peak):
                 rows.append(row)
-                using = f" {row['candidate_decoder']} decoder" if row["kind"] == "calm" else ""
+                using = f" {row['candidate_decoder']} decoder, {row['candidate_dtype']}" if row["kind"] == "calm" else ""
+                using += ", compiled" if row["compile"] else ""
                 progress(f"  {row['kind']} K={row['K']}{using}: {row['decode_tok_s']:.1f} decode tok/s")
-    baseline = {(r["batch"], r["temp"]): r["decode_tok_s"] for r in rows if r["kind"] == "baseline"}
+    baseline = {(r["batch"], r["temp"], r["compile"]): r["decode_tok_s"] for r in rows if r["kind"] == "baseline"}
     for r in rows:
         if r["kind"] == "calm":
-            base = baseline.get((r["batch"], r["temp"]))
+            base = baseline.get((r["batch"], r["temp"], r["compile"]))
             r["speedup_vs_baseline"] = round(r["decode_tok_s"] / base, 3) if base else None
-    rows.sort(key=lambda r: (-r["temp"], r["batch"], r["kind"] != "baseline", r["K"], r["candidate_decoder"] or ""))
+    rows.sort(key=lambda r: (-r["temp"], r["batch"], r["compile"], r["kind"] != "baseline", r["K"], r["candidate_decoder"] or "", r["candidate_dtype"] or ""))
     return {
         "source": source, "device": str(device), "hardware": _hardware(device),
         "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(), "compile": options.compile,
         "prompt_tokens": options.prompt_tokens, "new_tokens": options.new_tokens, "repetitions": options.repetitions,
         "sampler": options.sampler, "samples": options.num_samples, "candidate_decoders": options.candidate_decoders,
+        "candidate_dtypes": options.candidate_dtypes,
         "peak_gbs": options.peak_gbs,
         "peak_mem_kind": peak.kind, "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "models": models, "rows": rows,

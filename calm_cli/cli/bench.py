@@ -53,6 +53,11 @@ def bench(
         "fast", "--candidate-decoder",
         help="CALM candidate decoder(s): fast, dense, or dense,fast for one row of each (same tokens; see generate --help).",
     ),
+    candidate_dtype: str = typer.Option(
+        "auto", "--candidate-dtype",
+        help="dtype of the head's draws and the decoder's layers: auto (bf16 where the device has fast bf16), float32, bf16, "
+        "or a list such as float32,bf16 for one row of each.",
+    ),
     seed: int = seed_option(0, "Seed for the prompts and the sampling."),
     peak_gbs: Optional[float] = typer.Option(None, "--peak-gbs", help="Memory bandwidth of the device in GB/s (H200: 4800), for the bandwidth fraction."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with a 'rows' list instead of the table."),
@@ -62,6 +67,9 @@ def bench(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the decode step and the candidate decoding (default: on for CUDA)."),
+    eager_too: bool = typer.Option(
+        False, "--eager-too", help="With --compile: an eager row beside each compiled one, measured in turn (A B A B) in the same run.",
+    ),
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Decode speed of CALM against a token-level baseline.
@@ -99,11 +107,13 @@ def bench(
     options = BenchOptions(
         ks=parse_list(k or "4", int, "--K"), batches=parse_list(batch, int, "--concurrency"), temperatures=parse_list(temp, float, "--temp"),
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, repetitions=repetitions, num_samples=samples, sampler=sampler,
-        candidate_decoders=[name.strip() for name in candidate_decoder.split(",") if name.strip()], seed=seed, peak_gbs=peak_gbs,
+        candidate_decoders=[name.strip() for name in candidate_decoder.split(",") if name.strip()],
+        candidate_dtypes=[name.strip() for name in candidate_dtype.split(",") if name.strip()], seed=seed, peak_gbs=peak_gbs,
     )
     check_options(options)
     dev = resolve_device(device)
     options.compile = compile if compile is not None else dev.type == "cuda"
+    options.eager_too = eager_too
     dt = resolve_dtype(dtype, dev)
     if model_dir is not None:
         makers, source = checkpoint_subjects(model_dir, baseline_dir, dev, dt), str(model)

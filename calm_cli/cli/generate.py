@@ -45,6 +45,11 @@ def generate(
     samples: int = SamplesOpt,
     sampler: str = SamplerOpt,
     candidate_decoder: str = CandidateDecoderOpt,
+    candidate_dtype: str = typer.Option(
+        "auto", "--candidate-dtype",
+        help="dtype of the head's draws and the decoder's layers: auto (bf16 for T < 1 pools where the device has fast "
+        "bf16, the model's dtype at T = 1), float32, or bf16. The argmax of each candidate stays float32 (README).",
+    ),
     seed: Optional[int] = seed_option(None, "Seed for repeatable output."),
     stop: list[str] = typer.Option([], "--stop", metavar="TEXT", help="Stop when this text appears (repeatable)."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print text as each chunk is decoded."),
@@ -72,6 +77,7 @@ def generate(
 ) -> None:
     """Continue PROMPT with a CALM model (or a token-level baseline)."""
     from ..runtime.engine import Engine
+    from ..runtime.precision import check_candidate_dtype
     from ..runtime.runners import check_candidate_decoder
     from ..runtime.settings import GenerationSettings, check_settings
     from ..runtime.text import GenerationStats, stream_text
@@ -79,6 +85,7 @@ def generate(
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
     check_settings(settings)
     check_candidate_decoder(candidate_decoder)
+    check_candidate_dtype(candidate_dtype)
     if jsonl and prompt is not None:
         raise UsageError("--jsonl reads prompts from stdin or -f FILE, not from PROMPT")
     if max_batch is not None and max_batch < 1:
@@ -90,7 +97,8 @@ def generate(
     calm = load_for_cli(model, device, dtype, ae, tokenizer)
     load_s = time.perf_counter() - t0
     use_compile = compile if compile is not None else calm.transformer.embed_tokens.weight.is_cuda
-    engine = Engine(calm, max_batch=max_batch if jsonl else 1, compile=use_compile, candidate_decoder=candidate_decoder)
+    engine = Engine(calm, max_batch=max_batch if jsonl else 1, compile=use_compile, candidate_decoder=candidate_decoder,
+                    candidate_dtype=candidate_dtype)
     if jsonl:
         failed = _run_jsonl(engine, calm.tokenizer, lines, settings, stop, system, verbose)
         if failed:

@@ -40,7 +40,7 @@ from ..models.backbone import KVCache
 from ..models.baseline import TokenTransformer
 from ..models.calm import CALM
 from .rng import RowRandom, mix64, new_seed
-from .runners import make_runner
+from .runners import Runner, make_runner
 from .sampling import SamplingStats
 from .settings import GenerationSettings, check_settings
 
@@ -63,6 +63,18 @@ def default_max_batch(device: torch.device) -> int:
     reading the weights and rows come almost free.
     """
     return DEFAULT_MAX_BATCH.get(device.type, 8)
+
+
+def compiled_step(runner: Runner) -> Callable[[KVCache, torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """`runner.step` under torch.compile as one graph (fullgraph: a graph break is an error, not a slow path).
+
+    Each row's cache position is the `lengths` tensor, so the graph does not change as rows
+    grow; only the batch rows and the attention span (a multiple of SPAN_QUANTUM) are
+    shapes. They start static and turn symbolic the first time one changes (torch's
+    automatic dynamic shapes), so a run compiles at most about three times, not once per
+    bucket.
+    """
+    return torch.compile(runner.step, fullgraph=True, dynamic=None)
 
 
 @dataclass
@@ -113,10 +125,10 @@ class Engine:
 
     def __init__(
         self, model: CALM | TokenTransformer, *, max_batch: int | None = None, candidate_decoder: str = "fast",
-        compile: bool = False,
+        compile: bool = False, candidate_dtype: str = "auto",
     ) -> None:
         self.model = model
-        self.runner = make_runner(model, candidate_decoder)
+        self.runner = make_runner(model, candidate_decoder, candidate_dtype)
         self.config = model.config
         self.k = self.runner.unit
         self.context = self.runner.context
@@ -146,7 +158,7 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._live: dict[int, Request] = {}  # submitted and not finished, wherever they are
         self._lock = threading.Lock()
-        self._step = torch.compile(self.runner.step, dynamic=True) if compile else self.runner.step
+        self._step = compiled_step(self.runner) if compile else self.runner.step
 
     # ---- requests --------------------------------------------------------------------------
 

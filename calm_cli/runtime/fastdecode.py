@@ -89,7 +89,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -355,20 +355,24 @@ class FastDecodeStats:
 class FastCandidateDecoder:
     """Drop-in for ``Autoencoder.decode_tokens``: the same chunks, from bf16 scores plus a certificate.
 
+    ``states`` computes the decoder's final states (default ``ae.decoder.hidden``; the runner
+    passes its bf16 layers, calm_cli/runtime/precision.py); the certificate takes them as given.
+
     It keeps a ``PreparedWeight`` of the output matrix, rebuilt when the matrix changes (new
     storage or an in-place update), so an engine can hold one for a model's life.
     """
 
-    def __init__(self, ae: Autoencoder) -> None:
+    def __init__(self, ae: Autoencoder, states: Callable[[Tensor], Tensor] | None = None) -> None:
         self.ae = ae
+        self.states = states or ae.decoder.hidden  # latents [..., P, latent] -> final states [..., P * K, H]
         self.stats = FastDecodeStats()
         self._key: tuple | None = None
         self._prepared: PreparedWeight | None = None
         self._dense_calls_left = 0
 
     def __call__(self, latents: Tensor) -> Tensor:
-        """Latents [..., latent] -> argmax chunks [..., K], equal to ``ae.decode_tokens(latents)``."""
-        hidden = self.ae.decoder.hidden(latents.unsqueeze(-2))
+        """Latents [..., latent] -> argmax chunks [..., K]: the float32 argmax of W h for the states ``states`` gives."""
+        hidden = self.states(latents.unsqueeze(-2))
         weight = self.ae.decoder.lm_head_weight
         flat = hidden.reshape(-1, hidden.shape[-1])
         if not self._use_bf16(flat, weight):

@@ -18,7 +18,7 @@ from ..errors import UsageError
 from ..models.backbone import Backbone, KVCache
 from ..models.baseline import TokenTransformer
 from ..models.calm import CALM
-from .fastdecode import FastCandidateDecoder
+from .precision import CandidatePath, candidate_dtypes, draws_one
 from .rng import RowRandom
 from .sampling import SamplingStats, select_from_pool, temperature_sample
 from .settings import GenerationSettings
@@ -107,20 +107,22 @@ class CALMRunner(Runner):
 
     chunks_hold_padding = True  # the autoencoder learnt PAD where a document's last chunk was short
 
-    def __init__(self, model: CALM, candidate_decoder: str = "fast") -> None:
+    def __init__(self, model: CALM, candidate_decoder: str = "fast", candidate_dtype: str = "auto") -> None:
         check_candidate_decoder(candidate_decoder)
         self.model, self.config, self.backbone = model, model.config, model.transformer
         self.unit = model.config.patch_size
-        # Both give the same chunks (calm_cli/runtime/fastdecode.py); dense is kept for comparison.
-        self.decode_chunks = FastCandidateDecoder(model.ae_model) if candidate_decoder == "fast" else model.ae_model.decode_tokens
+        weight = model.ae_model.decoder.lm_head_weight
+        # Pools (T < 1) and single draws (T = 1) may run in different dtypes: calm_cli/runtime/precision.py.
+        pool, single = candidate_dtypes(candidate_dtype, weight.dtype, weight.device)
+        self.pool = CandidatePath(model, pool, candidate_decoder)
+        self.single = self.pool if single == pool else CandidatePath(model, single, candidate_decoder)
 
     def embed(self, ids: Tensor) -> Tensor:
         return self.model.embed_chunks(ids)
 
-    def latents(self, hidden: Tensor, rng: RowRandom, n: int) -> Tensor:
-        """n head draws per row [R, n, latent], the noise from each row's own stream."""
-        noise = rng.uniform((hidden.shape[0], n, self.config.noise_size), dtype=hidden.dtype) - 0.5
-        return self.model.generative_head(hidden.unsqueeze(-2), noise)
+    def path(self, temperature: float) -> CandidatePath:
+        """The candidate path for a temperature: T = 1 draws one candidate per step, T < 1 a pool."""
+        return self.single if draws_one(temperature) else self.pool
 
     def sample(
         self, hidden: Tensor, rng: RowRandom, settings: GenerationSettings, stats: SamplingStats,
@@ -129,9 +131,11 @@ class CALMRunner(Runner):
         if prefixes is not None:
             return self._after_prefix(hidden, rng, settings, stats, prefixes)
 
+        path = self.path(settings.temperature)
+
         def draw(n: int, rows: Tensor | None = None) -> Tensor:
             h, r = (hidden, rng) if rows is None else (hidden[rows], rng.rows(rows))
-            return self.decode_chunks(self.latents(h, r, n))
+            return path.decode_chunks(path.latents(h, r, n))
 
         return temperature_sample(
             draw, settings.temperature, method=settings.sampler, num_samples=settings.num_samples, generator=rng,
@@ -151,25 +155,25 @@ class CALMRunner(Runner):
         decoder gives the leftover the highest log-probability, scored at the r positions
         only and in slices, so memory stays bounded at any vocabulary.
         """
-        k = self.unit
+        k, path = self.unit, self.path(settings.temperature)
         prefix = torch.tensor([p + [-1] * (k - len(p)) for p in prefixes], dtype=torch.long, device=hidden.device)
         fixed = prefix >= 0
         if settings.sampler == "exact" and settings.temperature not in (0.0, 1.0):
             chunks = temperature_sample(
-                self._matching_draw(hidden, rng, prefix, settings.num_samples, stats), settings.temperature,
+                self._matching_draw(path, hidden, rng, prefix, settings.num_samples, stats), settings.temperature,
                 method="exact", num_samples=settings.num_samples, generator=rng, block=EXACT_BLOCK,
                 max_block=settings.num_samples, stats=stats,
             )
             return torch.where(fixed, prefix, chunks)
         pool = max(settings.num_samples, LEFTOVER_POOL)
-        latents = self.latents(hidden, rng, pool)
-        candidates = self.decode_chunks(latents)
+        latents = path.latents(hidden, rng, pool)
+        candidates = path.decode_chunks(latents)
         match = _matches(candidates, prefix)
         found = match.any(-1)
         chosen = select_from_pool(candidates, settings.temperature, generator=rng, valid=match | ~found[:, None])
         missing = (~found).nonzero().squeeze(1)  # a host sync, on a request's first step only
         if missing.numel():
-            best = self._prefix_scores(latents[missing], prefix[missing]).argmax(-1)
+            best = self._prefix_scores(path, latents[missing], prefix[missing]).argmax(-1)
             chosen[missing] = candidates[missing, best]
             stats.fallbacks += missing.numel()
         stats.steps += 1
@@ -178,7 +182,9 @@ class CALMRunner(Runner):
         stats.draws += hidden.shape[0] * pool
         return torch.where(fixed, prefix, chosen)
 
-    def _matching_draw(self, hidden: Tensor, rng: RowRandom, prefix: Tensor, num_samples: int, stats: SamplingStats):
+    def _matching_draw(
+        self, path: CandidatePath, hidden: Tensor, rng: RowRandom, prefix: Tensor, num_samples: int, stats: SamplingStats
+    ):
         """A draw function for the exact sampler: n candidates per row that all start with the row's prefix.
 
         Pools are drawn until every row has n matches; a row still short after
@@ -197,8 +203,8 @@ class CALMRunner(Runner):
             for _ in range(LEFTOVER_BUDGET):
                 # Only rows still short draw again: a row's stream must not move for its neighbours' sake.
                 drawn = short
-                latents = self.latents(hidden[index[drawn]], rng.rows(index[drawn]), size)
-                candidates = self.decode_chunks(latents)
+                latents = path.latents(hidden[index[drawn]], rng.rows(index[drawn]), size)
+                candidates = path.decode_chunks(latents)
                 match = _matches(candidates, want[drawn])
                 slot = have[drawn, None] + match.cumsum(1) - 1
                 take = match & (slot < n)
@@ -213,18 +219,17 @@ class CALMRunner(Runner):
             none = (have[short] == 0).nonzero().squeeze(1)
             if none.numel():  # never a match: the last pool's candidate that explains the leftover best
                 pool = torch.searchsorted(drawn, short[none])
-                scores = self._prefix_scores(latents[pool], want[short[none]])
+                scores = self._prefix_scores(path, latents[pool], want[short[none]])
                 fallback[none] = candidates[pool, scores.argmax(-1)]
             out[short] = fallback[:, None].expand(-1, n, -1)
             return out
 
         return draw
 
-    def _prefix_scores(self, latents: Tensor, prefix: Tensor) -> Tensor:
+    def _prefix_scores(self, path: CandidatePath, latents: Tensor, prefix: Tensor) -> Tensor:
         """Sum over the fixed positions of log P(prefix token | latent): latents [M, P, latent] -> [M, P]."""
-        decoder = self.model.ae_model.decoder
-        weight = decoder.lm_head_weight
-        hidden = decoder.hidden(latents.unsqueeze(-2))  # [M, P, K, H]
+        weight = self.model.ae_model.decoder.lm_head_weight
+        hidden = path.states(latents.unsqueeze(-2))  # [M, P, K, H]
         m, p = hidden.shape[:2]
         total = torch.zeros(m, p, dtype=torch.float32, device=latents.device)
         step = max(1, SCORE_ELEMENTS // weight.shape[0])
@@ -248,8 +253,8 @@ def _matches(candidates: Tensor, prefix: Tensor) -> Tensor:
     return ((candidates == prefix[:, None]) | (prefix < 0)[:, None]).all(-1)
 
 
-def make_runner(model: CALM | TokenTransformer, candidate_decoder: str = "fast") -> Runner:
+def make_runner(model: CALM | TokenTransformer, candidate_decoder: str = "fast", candidate_dtype: str = "auto") -> Runner:
     if isinstance(model, TokenTransformer):
         return TokenRunner(model)
-    return CALMRunner(model, candidate_decoder)
+    return CALMRunner(model, candidate_decoder, candidate_dtype)
 
