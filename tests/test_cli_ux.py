@@ -151,7 +151,8 @@ def test_help_fits_80_columns_has_examples_and_no_type_on_flags():
 
 
 def test_install_completion(tmp_path):
-    r = run_calm("--install-completion", "bash", env={"HOME": str(tmp_path)})
+    # With shell detection off (as in a non-interactive run) the shell is named; users just type --install-completion.
+    r = run_calm("--install-completion", "bash", env={"HOME": str(tmp_path), "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"})
     assert r.returncode == 0, r.stderr
     script = (tmp_path / ".bash_completions" / "calm.sh").read_text()
     assert "_CALM_COMPLETE" in script

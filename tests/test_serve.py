@@ -214,7 +214,7 @@ def test_full_queue_is_429_and_a_dropped_stream_frees_its_slot() -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
         log = proc.stderr.read()
-        assert "Traceback" not in log and "cmpl-" in log and "finish=length" in log
+        assert "Traceback" not in log and "cmpl-" in log and "finish=length" in log, log
 
 
 def test_sigint_ends_a_stream_in_flight_and_exits_0() -> None:

@@ -28,9 +28,9 @@ from .typer_setup import with_examples
 
 
 @with_examples(
-    "calm serve                                   # the bundled model on http://127.0.0.1:8000/v1",
+    "calm serve                          # the bundled model on 127.0.0.1:8000/v1",
     "calm serve -m baseline --port 8080 --api-key s3cret",
-    "curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' -d '{\"model\": \"default\", \"prompt\": \"Hi\"}'",
+    "calm serve --max-batch 16 --max-queue 256",
 )
 def serve(
     model: Optional[str] = ModelOpt,
