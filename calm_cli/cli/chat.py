@@ -479,6 +479,8 @@ def run_chat(
         read = _terminal_reader(history_path() if history else None, display)
         display.note(f"calm chat · {session.describe()} · /help for commands, Ctrl-D to leave")
     else:
+        if hasattr(sys.stdin, "reconfigure"):
+            sys.stdin.reconfigure(errors="replace")  # a line that is not UTF-8 is read as U+FFFD, not the end of the chat
         read = _pipe_reader
     while True:
         try:

@@ -23,6 +23,7 @@ from .common import (
     err,
     load_for_cli,
     read_prompt,
+    read_stdin,
     read_text,
     seed_option,
 )
@@ -147,7 +148,7 @@ def _jsonl_input(file: Optional[Path]) -> list[str]:
         return read_text(file).split("\n")
     if sys.stdin is None or sys.stdin.isatty():
         raise UsageError("--jsonl reads JSON lines from stdin or -f FILE")
-    return sys.stdin.read().split("\n")
+    return read_stdin().split("\n")
 
 
 JSONL_BATCH = 16  # most prompts per Engine.stream call: the KV cache grows with the batch
