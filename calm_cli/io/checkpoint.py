@@ -128,13 +128,17 @@ def build(factory: Callable[[], nn.Module], tensors: dict[str, torch.Tensor], so
     before any memory is allocated for it.
     """
     with torch.device("meta"):
-        _check_tensors(factory(), tensors, source, skip)
-    try:
-        module = factory()
-    except (RuntimeError, MemoryError) as exc:
-        raise CalmError(f"{source}: cannot build the model ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        _check_tensors(_construct(factory, source), tensors, source, skip)
+    module = _construct(factory, source)
     module.load_state_dict(tensors, strict=False)
     return module
+
+
+def _construct(factory: Callable[[], nn.Module], source: str) -> nn.Module:
+    try:
+        return factory()
+    except (RuntimeError, MemoryError, OverflowError) as exc:
+        raise CalmError(f"{source}: cannot build the model ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
 
 def _check_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], source: str, skip: Callable[[str], bool]) -> None:
