@@ -110,6 +110,7 @@ def test_convert_then_generate_same_output(tmp_path):
         (["generate", "x", "-m", MODEL, "--sampler", "magic"], 2, "--sampler"),
         (["generate", "x", "-m", MODEL, "--dtype", "int3"], 2, "dtype"),
         (["generate", "x", "-m", MODEL, "--max-tokens", "lots"], 2, "--max-tokens"),
+        (["generate", "x", "-m", MODEL, "--samples", str(2**63)], 2, "--samples"),
         (["generate", "x", "-m", "tests/fixtures/official-tiny/autoencoder"], 1, "autoencoder"),
         (["decode", "/no/file.safetensors", "-m", MODEL], 2, "no such file"),
         (["frobnicate"], 2, "frobnicate"),

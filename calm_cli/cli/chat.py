@@ -31,6 +31,7 @@ from ..runtime.engine import GenerationSettings, GenerationStats, check_settings
 from ..runtime.text import stream_text
 from ..runtime.token_engine import make_engine
 from .common import (
+    SAMPLES_LIMIT,
     SEED_LIMIT,
     DeviceOpt,
     DtypeOpt,
@@ -311,7 +312,11 @@ class ChatSession:
         self.display.note(f"replies of at most {self.settings.max_tokens} tokens")
 
     def _cmd_samples(self, arg: str) -> None:
-        self._settings(num_samples=_number(arg, int, "/samples N (a whole number)"))
+        usage = f"/samples N (a whole number up to {SAMPLES_LIMIT})"
+        samples = _number(arg, int, usage)
+        if samples > SAMPLES_LIMIT:
+            raise UsageError(f"usage: {usage}")
+        self._settings(num_samples=samples)
         self.display.note(f"{self.settings.num_samples} samples per step")
 
     def _cmd_seed(self, arg: str) -> None:

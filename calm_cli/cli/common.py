@@ -17,7 +17,8 @@ STATE = {"debug": False}
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Model directory (default: $CALM_MODEL, else the bundled weights/default).")
 TempOpt = typer.Option(0.5, "--temp", "-t", help="Temperature in [0, 1]. Default 0.5, as the CALM authors advise for fluent text; 1 draws once per step; 0 picks the most frequent of --samples draws.")
-SamplesOpt = typer.Option(200, "--samples", help="Candidate chunks drawn per step by the approximate sampler (N).")
+SAMPLES_LIMIT = 2**20  # more candidate chunks per step than memory holds would end in an allocation failure
+SamplesOpt = typer.Option(200, "--samples", max=SAMPLES_LIMIT, help="Candidate chunks drawn per step by the approximate sampler (N).")
 SamplerOpt = typer.Option("approx", "--sampler", help="Temperature sampler: approx (count repeats among N draws) or exact (rejection).")
 CandidateDecoderOpt = typer.Option(
     "fast", "--candidate-decoder",
