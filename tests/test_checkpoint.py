@@ -157,3 +157,33 @@ def test_corrupt_safetensors(fixtures, tmp_path):
     (d / "model.safetensors").write_bytes(data[: len(data) // 3])
     with pytest.raises(CalmError, match="safetensors"):
         load_model(d)
+
+
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("hidden_size", "64", "whole number"),
+        ("num_hidden_layers", 10**12, "whole number"),
+        ("rms_norm_eps", float("nan"), "finite number"),
+        ("pad_token_id", 512, "outside the vocabulary"),
+        ("architectures", "EnergyTransformer", "list of names"),
+        ("ae_path", 3, "string"),
+    ],
+)
+def test_bad_config_fields_are_named(fixtures, tmp_path, field, value, needle):
+    d = copy_model(fixtures, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[field] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CalmError, match=needle):
+        load_model(d)
+
+
+def test_config_that_does_not_match_the_weights_is_refused_before_allocating(fixtures, tmp_path):
+    """hidden_size 2^20 would need terabytes: the meta-device check names the first misshapen tensor instead."""
+    d = copy_model(fixtures, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(hidden_size=2**20, intermediate_size=2**20)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CalmError, match="has shape"):
+        load_model(d)

@@ -110,6 +110,7 @@ def test_convert_then_generate_same_output(tmp_path):
         (["generate", "x", "-m", MODEL, "--sampler", "magic"], 2, "--sampler"),
         (["generate", "x", "-m", MODEL, "--dtype", "int3"], 2, "dtype"),
         (["generate", "x", "-m", MODEL, "--max-tokens", "lots"], 2, "--max-tokens"),
+        (["generate", "x", "-m", MODEL, "--samples", str(2**63)], 2, "--samples"),
         (["generate", "x", "-m", "tests/fixtures/official-tiny/autoencoder"], 1, "autoencoder"),
         (["decode", "/no/file.safetensors", "-m", MODEL], 2, "no such file"),
         (["frobnicate"], 2, "frobnicate"),
@@ -122,9 +123,17 @@ def test_errors_are_one_line(args, code, needle):
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("seed", ["99999999999999999999", str(2**63), "-1"])
 @pytest.mark.parametrize(
-    "command", [["generate", "x", "-m", MODEL], ["bench"], ["eval", MODEL, "-m", MODEL], ["train", "calm", ".", "-o", "/nonexistent/out"]], ids=lambda c: c[0]
+    "command,seed",
+    [
+        (["generate", "x", "-m", MODEL], "99999999999999999999"),
+        (["generate", "x", "-m", MODEL], str(2**63)),
+        (["generate", "x", "-m", MODEL], "-1"),
+        (["bench"], "99999999999999999999"),
+        (["eval", MODEL, "-m", MODEL], str(2**63)),
+        (["train", "calm", ".", "-o", "/nonexistent/out"], "-1"),
+    ],
+    ids=lambda v: v[0] if isinstance(v, list) else v[:6],
 )
 def test_seed_out_of_range_is_a_usage_error(command, seed):
     r = run_calm(*command, "--seed", seed)

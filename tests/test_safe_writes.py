@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from helpers import run_calm
 
 from calm_cli import load_model, save_model
 from calm_cli.errors import UsageError
@@ -29,7 +30,6 @@ from calm_cli.training.train import (
     build_model,
     checkpoint_dir,
 )
-from tests.helpers import run_calm
 
 HOOKED = ("replace", "rename", "unlink", "fsync", "open", "close")
 

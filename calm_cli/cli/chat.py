@@ -26,6 +26,7 @@ from ..errors import CalmError, UsageError
 from ..io.atomic import write_text_atomic
 from ..runtime.chat import DEFAULT_TEMPLATE, Conversation, Template, Turn
 from .common import (
+    SAMPLES_LIMIT,
     SEED_LIMIT,
     DeviceOpt,
     DtypeOpt,
@@ -265,7 +266,11 @@ class ChatSession:
 
     def _cmd_samples(self, arg: str) -> None:
         if arg:
-            self._settings(num_samples=_number(arg, int, "/samples N (a whole number)"))
+            usage = f"/samples N (a whole number up to {SAMPLES_LIMIT})"
+            samples = _number(arg, int, usage)
+            if samples > SAMPLES_LIMIT:
+                raise UsageError(f"usage: {usage}")
+            self._settings(num_samples=samples)
         self.display.note(f"{self.settings.num_samples} samples per step")
 
     def _cmd_seed(self, arg: str) -> None:
@@ -457,6 +462,8 @@ def run_chat(
         read = _terminal_reader(history_path() if history else None, display)
         display.note(f"calm chat · {session.describe()} · /help for commands, Ctrl-D to leave")
     else:
+        if hasattr(sys.stdin, "reconfigure"):
+            sys.stdin.reconfigure(errors="replace")  # a line that is not UTF-8 is read as U+FFFD, not the end of the chat
         read = _pipe_reader
     while True:
         try:

@@ -26,7 +26,8 @@ ModelOpt = typer.Option(
     help="Model name (see 'calm models') or directory. Default: $CALM_MODEL, else 'default'.",
 )
 TempOpt = typer.Option(0.5, "--temp", "-t", help="Temperature in [0, 1]; 0.5 (the authors' advice) reads fluently, 1 draws once per step.")
-SamplesOpt = typer.Option(200, "--samples", help="Candidate chunks drawn per step by the approx sampler (N).")
+SAMPLES_LIMIT = 2**20  # more candidate chunks per step than memory holds would end in an allocation failure
+SamplesOpt = typer.Option(200, "--samples", max=SAMPLES_LIMIT, help="Candidate chunks drawn per step by the approx sampler (N).")
 SamplerOpt = typer.Option("approx", "--sampler", help="approx (count repeats among N draws) or exact (rejection).")
 CandidateDecoderOpt = typer.Option(
     "fast", "--candidate-decoder",
@@ -121,14 +122,22 @@ def read_prompt(prompt: Optional[str]) -> str:
     """PROMPT, or stdin for '-' or no argument; piped stdin plus an argument gives stdin first, then the argument."""
     piped = not sys.stdin.isatty() if sys.stdin else False
     if prompt == "-" or (prompt is None and piped):
-        return sys.stdin.read()
+        return read_stdin()
     if prompt is None:
         raise UsageError("no prompt: give PROMPT, '-' or pipe text on stdin")
     if piped and prompt:
-        stdin_text = sys.stdin.read()
+        stdin_text = read_stdin()
         if stdin_text:
             return stdin_text.rstrip("\n") + "\n" + prompt
     return prompt
+
+
+def read_stdin() -> str:
+    """All of stdin as text; bytes that are not UTF-8 are a usage error, not a crash."""
+    try:
+        return sys.stdin.read()
+    except UnicodeDecodeError:
+        raise UsageError("stdin is not UTF-8 text") from None
 
 
 def read_text(path: Path) -> str:

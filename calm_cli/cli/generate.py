@@ -24,6 +24,7 @@ from .common import (
     err,
     load_for_cli,
     read_prompt,
+    read_stdin,
     read_text,
     seed_option,
     set_threads,
@@ -171,7 +172,7 @@ def _jsonl_input(file: Optional[Path]) -> list[str]:
         return read_text(file).split("\n")
     if sys.stdin is None or sys.stdin.isatty():
         raise UsageError("--jsonl reads JSON lines from stdin or -f FILE")
-    return sys.stdin.read().split("\n")
+    return read_stdin().split("\n")
 
 
 JSONL_FIELDS = {  # key: (GenerationSettings field, type, valid, wording)

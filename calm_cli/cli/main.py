@@ -148,7 +148,9 @@ class _PipeAwareStdout:
 
 
 def _fail(message: str, code: int) -> None:
-    sys.stderr.write(f"error: {message}\n")
+    """One line on stderr: control characters and line breaks (from a value the user gave) are escaped."""
+    line = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
+    sys.stderr.write(f"error: {line}\n")
     sys.exit(code)
 
 

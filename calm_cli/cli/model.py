@@ -16,6 +16,7 @@ from .common import (
     err,
     model_path,
     read_prompt,
+    read_stdin,
     read_text,
     set_threads,
 )
@@ -149,7 +150,7 @@ def _read_latent_lines(source: Optional[str], patch_size: int):
     import torch
 
     if source in (None, "-"):
-        lines = sys.stdin.read().splitlines()
+        lines = read_stdin().splitlines()
     else:
         lines = read_text(Path(source)).splitlines()
     rows, lengths = [], []

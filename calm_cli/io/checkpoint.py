@@ -54,9 +54,10 @@ def read_state_dict(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
     for index_name, kind in (("model.safetensors.index.json", "safetensors-sharded"), ("pytorch_model.bin.index.json", "bin-sharded")):
         index = directory / index_name
         if index.exists():
-            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-            if not shards:
-                raise CalmError(f"{index}: no weight_map")
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CalmError(f"{index}: no weight_map of tensor names to shard files")
+            shards = sorted(set(weight_map.values()))
             tensors: dict[str, torch.Tensor] = {}
             for shard in shards:
                 path = directory / shard
@@ -117,6 +118,32 @@ def load_weights(
     Keys for which `skip` is true (a tied alias, a submodule loaded elsewhere) are neither
     expected nor loaded.
     """
+    _check_tensors(module, tensors, source, skip)
+    module.load_state_dict(tensors, strict=False)  # the checks above are strict about the rest
+
+
+def build(factory: Callable[[], nn.Module], tensors: dict[str, torch.Tensor], source: str, skip: Callable[[str], bool] = lambda key: False) -> nn.Module:
+    """`factory()` loaded with `tensors`, checked first on a memory-free meta-device copy.
+
+    A config.json that does not match the weights (or asks for an absurd size) is refused
+    before any memory is allocated for it.
+    """
+    with torch.device("meta"):
+        _check_tensors(_construct(factory, source), tensors, source, skip)
+    module = _construct(factory, source)
+    module.load_state_dict(tensors, strict=False)
+    return module
+
+
+def _construct(factory: Callable[[], nn.Module], source: str) -> nn.Module:
+    try:
+        return factory()
+    except (RuntimeError, MemoryError, OverflowError) as exc:
+        raise CalmError(f"{source}: cannot build the model ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def _check_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], source: str, skip: Callable[[str], bool]) -> None:
+    """Name the first missing, unexpected or misshapen tensor."""
     own = {k: v for k, v in module.state_dict().items() if not skip(k)}
     missing = [k for k in own if k not in tensors]
     unexpected = [k for k in tensors if k not in own]
@@ -127,17 +154,14 @@ def load_weights(
     for k, v in tensors.items():
         if own[k].shape != v.shape:
             raise CalmError(f"{source}: tensor '{k}' has shape {list(v.shape)}, the config needs {list(own[k].shape)}")
-    module.load_state_dict(tensors, strict=False)  # the checks above are strict about the rest
 
 
 def _autoencoder_from_tensors(ae_tensors: dict[str, torch.Tensor], base: dict[str, Any], source: str) -> Autoencoder:
     config = infer_ae_config(ae_tensors, base)
-    ae = Autoencoder(config)
     tied = ae_tensors.pop(TIED_AE_KEY, None)
-    untie = tied is not None and not torch.equal(tied, ae_tensors["encoder.embed_tokens.weight"])
-    if untie:
+    ae = build(lambda: Autoencoder(config), ae_tensors, source, skip=lambda key: key == TIED_AE_KEY)
+    if tied is not None and not torch.equal(tied, ae_tensors["encoder.embed_tokens.weight"]):
         ae.decoder.lm_head_weight = nn.Parameter(tied.clone())
-    load_weights(ae, ae_tensors, source, skip=lambda key: key == TIED_AE_KEY)
     return ae
 
 
@@ -149,7 +173,7 @@ def _resolve(path_str: str, directory: Path) -> Path:
 def load_autoencoder(path: ModelSpec = None, *, device=None, dtype=None, tokenizer: str | None = None) -> Autoencoder:
     """An autoencoder-only directory, or the autoencoder inside a CALM directory."""
     directory = _check_dir(path)
-    config = read_json(current_file(directory, "config.json"))
+    config = read_config(directory)
     if _is_calm(config):
         model = load_model(directory, device=device, dtype=dtype, tokenizer=tokenizer)
         model.ae_model.tokenizer = model.tokenizer
@@ -170,7 +194,7 @@ def load_model(
 ) -> CALM:
     """Load a CALM checkpoint (the authors' layout or ours) ready for inference: a directory or a model name (default: `default`)."""
     directory = _check_dir(path)
-    raw = read_json(current_file(directory, "config.json"))
+    raw = read_config(directory)
     if "TokenTransformer" in (raw.get("architectures") or []):
         raise CalmError(f"{directory}: a token-level baseline, not a CALM model (load it with calm_cli.io.checkpoint.load_baseline)")
     if not _is_calm(raw):
@@ -183,10 +207,10 @@ def load_model(
     if ae_dir is not None and (ae or not ae_tensors):
         if not current_file(ae_dir, "config.json").exists():
             raise CalmError(f"autoencoder directory {ae_dir} not found (set --ae PATH)")
-        ae_base = read_json(current_file(ae_dir, "config.json"))
+        ae_base = read_config(ae_dir)
         ae_tensors, _ = read_state_dict(ae_dir)
     elif ae_dir is not None and current_file(ae_dir, "config.json").exists() and not ae_base:
-        ae_base = read_json(current_file(ae_dir, "config.json"))
+        ae_base = read_config(ae_dir)
     if not ae_tensors:
         raise CalmError(f"{directory}: no ae_model.* tensors and no autoencoder found (set --ae PATH)")
     autoencoder = _autoencoder_from_tensors(ae_tensors, ae_base, f"{directory} (autoencoder)")
@@ -194,16 +218,27 @@ def load_model(
     head = _strip("generative_head.", tensors) or _strip("mlp_generator.", tensors)
     calm_tensors = {k: v for k, v in tensors.items() if k.split(".")[0] in ("transformer", "embed_proj")}
     calm_tensors.update({f"generative_head.{k}": v for k, v in head.items()})
-    model = CALM(config, autoencoder)
-    load_weights(model, calm_tensors, str(directory), skip=lambda key: key.startswith("ae_model."))
     if autoencoder.config.patch_size != config.patch_size or autoencoder.config.latent_size != config.latent_size:
         raise CalmError(
             f"{directory}: autoencoder has patch_size {autoencoder.config.patch_size}, latent_size "
             f"{autoencoder.config.latent_size}; the model needs {config.patch_size}, {config.latent_size}"
         )
+    model = build(lambda: CALM(config, autoencoder), calm_tensors, str(directory), skip=lambda key: key.startswith("ae_model."))
     model.tokenizer = _find_tokenizer(directory, tokenizer, config.vocab_size, ae_dir)
     model.source_format = fmt
     return _place(model, device, dtype)
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """A model folder's config.json, with the fields that decide how it is read checked for type."""
+    path = current_file(directory, "config.json")
+    raw = read_json(path)
+    architectures = raw.get("architectures")
+    if architectures is not None and not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+        raise CalmError(f"{path}: 'architectures' must be a list of names")
+    if raw.get("ae_config") is not None and not isinstance(raw["ae_config"], dict):
+        raise CalmError(f"{path}: 'ae_config' must be a JSON object")
+    return raw
 
 
 def _is_calm(config: dict[str, Any]) -> bool:
@@ -301,7 +336,7 @@ def _holds_model(folder: Path) -> bool:
 def describe(path: ModelSpec = None) -> dict[str, Any]:
     """What `calm info` prints: the config, K, parameter counts per part, dtype and file format."""
     directory = _check_dir(path)
-    raw = read_json(current_file(directory, "config.json"))
+    raw = read_config(directory)
     if "TokenTransformer" in (raw.get("architectures") or []):
 
         baseline = load_baseline(directory)
@@ -344,7 +379,7 @@ def is_baseline(config: dict[str, Any]) -> bool:
 
 def is_baseline_dir(directory: Path) -> bool:
     """True for a model directory written by `save_baseline` (False when it has no config.json)."""
-    return current_file(directory, "config.json").is_file() and is_baseline(read_json(current_file(directory, "config.json")))
+    return current_file(directory, "config.json").is_file() and is_baseline(read_config(directory))
 
 
 def save_baseline(model: TokenTransformer, directory: str | os.PathLike, dtype: torch.dtype | None = None, force: bool = False) -> Path:
@@ -375,12 +410,12 @@ def load_baseline(
 ) -> TokenTransformer:
     """Load a `save_baseline` directory (or model name) ready for inference (eval mode, no gradients)."""
     directory = resolve_model(path)
-    raw = read_json(current_file(directory, "config.json"))
+    raw = read_config(directory)
     if not is_baseline(raw):
         raise CalmError(f"{directory}: config.json does not describe a {ARCHITECTURE} model")
-    model = TokenTransformer(config_from_dict(CALMConfig, raw, str(current_file(directory, "config.json"))))
+    config = config_from_dict(CALMConfig, raw, str(current_file(directory, "config.json")))
     tensors, _ = read_state_dict(directory)
-    load_weights(model, tensors, str(directory))
+    model = build(lambda: TokenTransformer(config), tensors, str(directory))
     tok_path = Path(tokenizer).expanduser() if tokenizer else current_file(directory, "tokenizer.json")
     if tok_path.exists():
         model.tokenizer = load_tokenizer(tok_path)

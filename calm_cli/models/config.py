@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,10 +81,35 @@ def config_from_dict(cls: type, data: dict[str, Any], source: str = "config.json
     for f in dataclasses.fields(cls):
         if f.name in ("hidden_size", "vocab_size", "patch_size", "latent_size") and f.name not in known:
             raise CalmError(f"{source}: missing required field '{f.name}'")
+    for f in dataclasses.fields(cls):
+        if f.name in known:
+            _check_field(f.name, str(f.type), known[f.name], source)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if known.get(name) is not None and known[name] >= known.get("vocab_size", 0) > 0:
+            raise CalmError(f"{source}: {name} {known[name]} is outside the vocabulary of {known['vocab_size']}")
     try:
         return cls(**known, extra=extra)
     except TypeError as exc:
         raise CalmError(f"{source}: {exc}") from None
+
+
+LAYER_COUNTS = ("num_encoder_layers", "num_decoder_layers", "num_hidden_layers", "num_mlp_layers")
+TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def _check_field(name: str, kind: str, value: Any, source: str) -> None:
+    """A JSON value of the field's type and range, so a bad config.json is a one-line error, not a crash later."""
+    if value is None and "None" in kind:
+        return
+    if kind.startswith("int"):
+        low = 0 if name in LAYER_COUNTS + TOKEN_IDS else 1
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**31:
+            raise CalmError(f"{source}: '{name}' must be a whole number from {low} to 2^31 - 1, got {json.dumps(value)[:40]}")
+    elif kind.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise CalmError(f"{source}: '{name}' must be a finite number, got {json.dumps(value)[:40]}")
+    elif kind.startswith("str") and not isinstance(value, str):
+        raise CalmError(f"{source}: '{name}' must be a string, got {json.dumps(value)[:40]}")
 
 
 def config_to_dict(config) -> dict[str, Any]:
@@ -97,6 +123,8 @@ def read_json(path: Path) -> dict[str, Any]:
             data = json.load(fh)
     except FileNotFoundError:
         raise CalmError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise CalmError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise CalmError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(data, dict):
