@@ -119,6 +119,9 @@ Random = torch.Generator | RowRandom | None
 METHODS = ("approx", "exact")
 SETTLE_TV = 0.02  # default ``settle`` (a bound; the measured distance is far smaller): see "Settled pools"
 SETTLE_Z = 2.0  # Wilson bounds at about 97.7% one-sided confidence
+# Past this 1/T the tempered pick is the most frequent chunk for any pool that fits in memory
+# (counts differ by at least one in 2^20), so it is taken as T = 0 and no tuple of 1/T draws is built.
+MAX_BETA = 2.0**20
 
 
 @dataclass
@@ -233,10 +236,10 @@ def selection_probabilities(counts: Tensor, temperature: float) -> Tensor:
 
 
 def _inverse_temperature(temperature: float) -> float:
-    """1/T with near-integers snapped, so 1/3 is handled as exactly 3; inf for T = 0."""
+    """1/T with near-integers snapped, so 1/3 is handled as exactly 3; inf for T = 0 and for T below 1/MAX_BETA."""
     if not 0.0 <= temperature <= 1.0:
         raise UsageError(f"temperature must be between 0 and 1 (got {temperature})")
-    if temperature == 0.0:
+    if temperature == 0.0 or 1.0 / temperature > MAX_BETA:
         return math.inf
     beta = 1.0 / temperature
     nearest = round(beta)
