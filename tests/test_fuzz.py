@@ -71,9 +71,17 @@ def run(args: list[str], stdin: bytes = b"") -> Outcome:
 
 
 def assert_clean(outcome: Outcome, args: list[str]) -> None:
-    """Exit 0, or exit 1 or 2 with exactly one `error: ...` line on stderr; no traceback either way."""
+    """Exit 0, or exit 1 or 2 with exactly one `error: ...` line on stderr; no traceback either way.
+
+    `generate --jsonl` reports a bad line as a JSON object with "error" on stdout and exits 1
+    with nothing on stderr; that is clean too.
+    """
     assert "Traceback" not in outcome.err, (args, outcome.err)
     if outcome.code == 0:
+        return
+    if "--jsonl" in args and outcome.code == 1 and not outcome.err.strip():
+        rows = [json.loads(line) for line in outcome.out.splitlines()]
+        assert rows and any("error" in row for row in rows), (args, outcome.out)
         return
     lines = outcome.err.strip().splitlines()
     assert outcome.code in (1, 2), (args, outcome.code, outcome.err)
@@ -180,8 +188,9 @@ def test_generate_jsonl_lines(stdin):
     args = ["generate", "--jsonl", "-m", str(FIXTURE), "-n", "4"]
     outcome = run(args, stdin)
     assert_clean(outcome, args)
-    if outcome.code == 0:
-        assert all(isinstance(json.loads(line), dict) for line in outcome.out.splitlines())
+    rows = [json.loads(line) for line in outcome.out.splitlines()]
+    assert all(isinstance(row, dict) for row in rows)
+    assert (outcome.code == 1) == any("error" in row for row in rows)
 
 
 @given(

@@ -25,7 +25,7 @@ from .typer_setup import with_examples
 
 @with_examples(
     "calm bench                            # random-weight tiny preset, K=4",
-    "calm bench -m default -c 1,8          # the bundled model, 1 and 8 requests at once",
+    "calm bench -m default -c 1,8          # the bundled model, 1 and 8 at once",
     "calm bench --preset S --K 1,2,4 --md  # a Markdown table, every column",
 )
 def bench(
