@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--candidate-dtype", default="auto")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
@@ -50,8 +51,8 @@ def main() -> None:
     report = {}
     for temperature in (1.0, 0.5):
         settings = [GenerationSettings(max_tokens=args.tokens, temperature=temperature, seed=1000 + i) for i in range(args.requests)]
-        together = run(Engine(model, max_batch=args.max_batch), prompts, settings)
-        alone_engine = Engine(model, max_batch=1)
+        together = run(Engine(model, max_batch=args.max_batch, candidate_dtype=args.candidate_dtype), prompts, settings)
+        alone_engine = Engine(model, max_batch=1, candidate_dtype=args.candidate_dtype)
         alone = [run(alone_engine, [p], [s])[0] for p, s in zip(prompts, settings)]
         differ = [i for i in range(args.requests) if alone[i] != together[i]]
         tokens = sum(len(a) for a in alone)
@@ -60,7 +61,8 @@ def main() -> None:
         report[f"T={temperature}"] = {"requests": args.requests, "differ": len(differ), "tokens": tokens,
                                       "first_difference_at_token": first}
         print(f"T={temperature}: {len(differ)} of {args.requests} requests differ", file=sys.stderr)
-    print(json.dumps({"model": args.model, "max_batch": args.max_batch, "max_tokens": args.tokens, **report}))
+    print(json.dumps({"model": args.model, "max_batch": args.max_batch, "max_tokens": args.tokens,
+                      "candidate_dtype": args.candidate_dtype, **report}))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,12 @@ def seed_option(default: int | None, help: str) -> Any:
     return typer.Option(default, "--seed", min=0, max=SEED_LIMIT - 1, help=help)
 
 
+CandidateDtypeOpt = typer.Option(
+    "auto", "--candidate-dtype",
+    help="dtype of the head's draws and the decoder's layers: auto (bf16 for T < 1 pools where the device has fast "
+    "bf16, the model's dtype at T = 1), float32 (a request's tokens then match alone and batched), or bf16. "
+    "The argmax of each candidate stays float32 (README).",
+)
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (CUDA when present).")
 DtypeOpt = typer.Option("auto", "--dtype", help="fp32, bf16, fp16 or auto (bf16 on CUDA, fp32 on CPU).")
 ThreadsOpt = typer.Option(

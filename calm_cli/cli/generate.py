@@ -14,6 +14,7 @@ import typer
 from ..errors import CalmError, UsageError
 from .common import (
     CandidateDecoderOpt,
+    CandidateDtypeOpt,
     DeviceOpt,
     DtypeOpt,
     ModelOpt,
@@ -46,11 +47,7 @@ def generate(
     samples: int = SamplesOpt,
     sampler: str = SamplerOpt,
     candidate_decoder: str = CandidateDecoderOpt,
-    candidate_dtype: str = typer.Option(
-        "auto", "--candidate-dtype",
-        help="dtype of the head's draws and the decoder's layers: auto (bf16 for T < 1 pools where the device has fast "
-        "bf16, the model's dtype at T = 1), float32, or bf16. The argmax of each candidate stays float32 (README).",
-    ),
+    candidate_dtype: str = CandidateDtypeOpt,
     seed: Optional[int] = seed_option(None, "Seed for repeatable output."),
     stop: list[str] = typer.Option([], "--stop", metavar="TEXT", help="Stop when this text appears (repeatable)."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print text as each chunk is decoded."),

@@ -12,6 +12,7 @@ import typer
 from ..errors import CalmError, UsageError
 from .common import (
     CandidateDecoderOpt,
+    CandidateDtypeOpt,
     DeviceOpt,
     DtypeOpt,
     ModelOpt,
@@ -46,6 +47,7 @@ def serve(
     samples: int = SamplesOpt,
     sampler: str = SamplerOpt,
     candidate_decoder: str = CandidateDecoderOpt,
+    candidate_dtype: str = CandidateDtypeOpt,
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Reply length when a chat request gives no max_tokens."),
     template: Optional[str] = typer.Option(None, "--template", help="Chat turn template, as for `calm chat` (default 'User: {message}\\nAssistant:')."),
     device: str = DeviceOpt,
@@ -61,6 +63,7 @@ def serve(
 
     from ..runtime.chat import DEFAULT_TEMPLATE, Template
     from ..runtime.engine import Engine
+    from ..runtime.precision import check_candidate_dtype
     from ..runtime.runners import check_candidate_decoder
     from ..runtime.settings import GenerationSettings, check_settings
     from ..serve.app import ServeConfig, create_app
@@ -75,6 +78,7 @@ def serve(
     defaults = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler)
     check_settings(defaults)
     check_candidate_decoder(candidate_decoder)
+    check_candidate_dtype(candidate_dtype)
     Template.parse(template or DEFAULT_TEMPLATE)
     path = model_path(model)
     set_threads(threads)
@@ -82,7 +86,9 @@ def serve(
     if loaded.tokenizer is None:
         raise CalmError("the model has no tokenizer.json: the server needs one")
     use_compile = compile if compile is not None else loaded.transformer.embed_tokens.weight.is_cuda
-    engine = Engine(loaded, max_batch=max_batch, candidate_decoder=candidate_decoder, compile=use_compile)
+    engine = Engine(
+        loaded, max_batch=max_batch, candidate_decoder=candidate_decoder, candidate_dtype=candidate_dtype, compile=use_compile
+    )
     worker = EngineWorker(engine)
     config = ServeConfig(
         model_name=name or path.resolve().name, defaults=defaults, max_queue=max_queue, api_key=api_key,
