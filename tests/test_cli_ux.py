@@ -48,8 +48,10 @@ def test_the_walk_finds_every_command():
 
 
 def test_help_version_and_usage_errors_do_not_import_torch():
-    """One interpreter runs every help page, --version and two usage errors, then reports whether torch was imported."""
-    argvs = [["--help"], ["--version"], ["gen", "x"], ["generate", "--bogus"]] + [w + ["--help"] for w, _ in COMMANDS]
+    """One interpreter runs every help page, --version and usage errors (bad flags and bad values), then reports whether torch was imported."""
+    bad_values = [["generate", "x", "--temp", "2"], ["generate", "x", "-m", "nosuch"], ["serve", "--port", "0"],
+                  ["generate", "x", "--candidate-dtype", "fp16"], ["info", "-m", "nosuch"], ["chat", "--temp", "5"]]
+    argvs = [["--help"], ["--version"], ["gen", "x"], ["generate", "--bogus"], *bad_values] + [w + ["--help"] for w, _ in COMMANDS]
     script = (
         "import sys, io, contextlib\n"
         "from calm_cli.cli.main import main\n"

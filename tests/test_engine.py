@@ -1,4 +1,8 @@
-"""The engine: a request's tokens depend only on its prompt, settings and seed; slots, budgets and finish reasons."""
+"""The engine: a request's tokens depend only on its prompt, settings and seed; slots, budgets and finish reasons.
+
+The alone-versus-batched tests pin the float32 candidate path: bf16 matmuls may round a row
+differently in a batch (README, "One engine for every request").
+"""
 
 from __future__ import annotations
 
@@ -81,9 +85,9 @@ def test_calm_row_is_the_same_alone_and_batched(k: int, temperature: float, samp
     assert any(len(p) % k for p in prompts) and any(len(p) % k == 0 or len(p) < k for p in prompts)
     settings = [GenerationSettings(max_tokens=4 + 2 * i, temperature=temperature, sampler=sampler, num_samples=24, seed=40 + i)
                 for i in range(len(prompts))]
-    batched = decode_all(Engine(model, max_batch=4), prompts, settings)
+    batched = decode_all(Engine(model, max_batch=4, candidate_dtype="float32"), prompts, settings)
     for prompt, s, tokens in zip(prompts, settings, batched):
-        assert decode_all(Engine(model, max_batch=1), [prompt], s) == [tokens]
+        assert decode_all(Engine(model, max_batch=1, candidate_dtype="float32"), [prompt], s) == [tokens]
         assert len(tokens) == s.max_tokens
 
 
@@ -92,9 +96,9 @@ def test_rows_with_different_settings_share_a_step_and_keep_their_own_output() -
     prompt = [5, 6, 7, 8]
     mixed = [GenerationSettings(max_tokens=10, temperature=t, sampler=m, num_samples=16, seed=3)
              for t, m in [(1.0, "approx"), (0.5, "exact"), (0.25, "approx"), (0.0, "approx")]]
-    together = decode_all(Engine(model, max_batch=4), [prompt] * 4, mixed)
+    together = decode_all(Engine(model, max_batch=4, candidate_dtype="float32"), [prompt] * 4, mixed)
     for s, tokens in zip(mixed, together):
-        assert decode_all(Engine(model, max_batch=1), [prompt], s) == [tokens]
+        assert decode_all(Engine(model, max_batch=1, candidate_dtype="float32"), [prompt], s) == [tokens]
 
 
 def test_token_model_row_is_the_same_alone_and_batched() -> None:
@@ -186,8 +190,8 @@ def test_exact_sampler_after_leftover_tokens_is_the_same_alone_and_batched() -> 
     for seed in range(4):
         settings = [GenerationSettings(max_tokens=8, temperature=0.5, sampler="exact", num_samples=16, seed=seed * 10 + i)
                     for i in range(len(prompts))]
-        together = decode_all(Engine(model, max_batch=4), prompts, settings)
-        alone = [decode_all(Engine(model, max_batch=1), [p], s)[0] for p, s in zip(prompts, settings)]
+        together = decode_all(Engine(model, max_batch=4, candidate_dtype="float32"), prompts, settings)
+        alone = [decode_all(Engine(model, max_batch=1, candidate_dtype="float32"), [p], s)[0] for p, s in zip(prompts, settings)]
         assert together == alone
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from calm_cli import load_model, save_model
@@ -106,7 +106,8 @@ WORDS = st.one_of(
 VALUES = st.one_of(NUMBERS, WORDS)
 PATHS = st.sampled_from(["/no/such/dir", "/", "/dev/null", "/etc/hostname", "tests", str(FIXTURE / "config.json"), str(FIXTURE)])
 
-GENERATE_FLAGS = ["--max-tokens", "--temp", "--samples", "--sampler", "--candidate-decoder", "--seed", "--device", "--dtype", "--stop", "--system"]
+GENERATE_FLAGS = ["--max-tokens", "--temp", "--samples", "--sampler", "--candidate-decoder", "--seed", "--device", "--dtype", "--stop",
+                  "--system", "--candidate-dtype", "--max-batch", "--threads"]
 
 
 @pytest.mark.parametrize("temp", ["1e-20", "5e-324", "1e-7"])
@@ -183,6 +184,7 @@ def jsonl_lines(draw) -> bytes:
 
 
 @given(stdin=jsonl_lines())
+@example(stdin=b'{"prompt": "Yo", "samples": 4611686018427387904}\n{"prompt": "a", "max_tokens": 2}\n')
 @FUZZ
 def test_generate_jsonl_lines(stdin):
     args = ["generate", "--jsonl", "-m", str(FIXTURE), "-n", "4"]

@@ -183,3 +183,14 @@ def test_kill_during_a_checkpoint_save_leaves_a_matching_state(fixtures, tmp_pat
 
     points = kill_everywhere(lambda: _save(out, objective, {"step": 2}), check)
     assert points >= 10
+
+
+def test_a_model_without_a_tokenizer_does_not_inherit_the_old_one(tmp_path) -> None:
+    model = load_model(os.path.join(os.path.dirname(__file__), "fixtures", "official-tiny", "calm"))
+    save_model(model, tmp_path / "m")
+    assert (tmp_path / "m" / "tokenizer.json").exists()
+    model.tokenizer = None
+    with pytest.raises(UsageError, match="tokenizer.json"):
+        save_model(model, tmp_path / "m")
+    save_model(model, tmp_path / "fresh")
+    assert not (tmp_path / "fresh" / "tokenizer.json").exists()

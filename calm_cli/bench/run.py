@@ -42,10 +42,8 @@ from ..models.baseline import TokenTransformer
 from ..models.calm import CALM
 from ..models.config import AutoencoderConfig, CALMConfig, config_from_dict, read_json
 from ..runtime.engine import Engine
-from ..runtime.precision import CANDIDATE_DTYPES
-from ..runtime.runners import CANDIDATE_DECODERS
 from ..runtime.sampling import SamplingStats
-from ..runtime.settings import GenerationSettings
+from ..runtime.settings import CANDIDATE_DECODERS, CANDIDATE_DTYPES, GenerationSettings
 
 
 @dataclass(frozen=True)

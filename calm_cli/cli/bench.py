@@ -66,7 +66,7 @@ def bench(
     wide: bool = typer.Option(False, "--wide", help="Every column in the table (±, prefill, bandwidth); the default fits 100 columns."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the decode step and the candidate decoding (default: on for CUDA)."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the backbone step (one graph; the candidate path stays eager). Default: on for CUDA."),
     eager_too: bool = typer.Option(
         False, "--eager-too", help="With --compile: an eager row beside each compiled one, measured in turn (A B A B) in the same run.",
     ),

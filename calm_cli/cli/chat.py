@@ -513,9 +513,10 @@ def chat(
 
     Input history, Esc-Enter for a newline, Tab completes /commands (/help lists them). With stdin or stdout not a terminal, each input line is one turn and each reply is one line on stdout.
     """
-    from ..runtime.settings import GenerationSettings
+    from ..runtime.settings import GenerationSettings, check_settings
 
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
+    check_settings(settings)  # before set_threads, which loads torch
     set_threads(threads)
     run_chat(
         lambda name: load_for_cli(name, device, dtype), model or os.environ.get("CALM_MODEL") or "default", settings,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 from ..errors import UsageError
+from ..runtime.settings import MAX_SEED, SAMPLES_LIMIT
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -26,14 +27,13 @@ ModelOpt = typer.Option(
     help="Model name (see 'calm models') or directory. Default: $CALM_MODEL, else 'default'.",
 )
 TempOpt = typer.Option(0.5, "--temp", "-t", help="Temperature in [0, 1]; 0.5 (the authors' advice) reads fluently, 1 draws once per step.")
-SAMPLES_LIMIT = 2**20  # more candidate chunks per step than memory holds would end in an allocation failure
 SamplesOpt = typer.Option(200, "--samples", max=SAMPLES_LIMIT, help="Candidate chunks drawn per step by the approx sampler (N).")
 SamplerOpt = typer.Option("approx", "--sampler", help="approx (count repeats among N draws) or exact (rejection).")
 CandidateDecoderOpt = typer.Option(
     "fast", "--candidate-decoder",
     help="fast (bf16 scores, float32 where they cannot decide; same tokens) or dense (float32, for comparison).",
 )
-SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2^63: what torch.Generator.manual_seed takes without overflow
+SEED_LIMIT = MAX_SEED + 1
 
 
 def seed_option(default: int | None, help: str) -> Any:
@@ -113,13 +113,17 @@ def model_path(model: Optional[str]) -> Path:
 
 
 def load_for_cli(model: Optional[str], device: str, dtype: str, ae: Optional[Path] = None, tokenizer: Optional[Path] = None):
-    """calm_cli.io.checkpoint.load with the CLI's device and dtype words (auto, bf16, cuda:1)."""
+    """calm_cli.io.checkpoint.load with the CLI's device and dtype words (auto, bf16, cuda:1).
+
+    The model is found first, so a wrong name or folder is reported before torch is imported.
+    """
+    directory = model_path(model)
     from ..io.checkpoint import load
     from ..runtime.device import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     return load(
-        model_path(model), device=dev, dtype=resolve_dtype(dtype, dev),
+        directory, device=dev, dtype=resolve_dtype(dtype, dev),
         ae=str(ae) if ae else None, tokenizer=str(tokenizer) if tokenizer else None,
     )
 

@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from ..errors import CalmError, UsageError
+from ..runtime.settings import MAX_SEED, SAMPLES_LIMIT
 from .common import (
     CandidateDecoderOpt,
     CandidateDtypeOpt,
@@ -24,6 +25,7 @@ from .common import (
     ThreadsOpt,
     err,
     load_for_cli,
+    model_path,
     read_prompt,
     read_stdin,
     read_text,
@@ -74,11 +76,12 @@ def generate(
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Continue PROMPT with a CALM model (or a token-level baseline)."""
-    from ..runtime.engine import Engine
-    from ..runtime.precision import check_candidate_dtype
-    from ..runtime.runners import check_candidate_decoder
-    from ..runtime.settings import GenerationSettings, check_settings
-    from ..runtime.text import GenerationStats, stream_text
+    from ..runtime.settings import (
+        GenerationSettings,
+        check_candidate_decoder,
+        check_candidate_dtype,
+        check_settings,
+    )
 
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
     check_settings(settings)
@@ -90,10 +93,16 @@ def generate(
         raise UsageError("--max-batch must be at least 1")
     lines = _jsonl_input(file) if jsonl else []
     text = "" if jsonl else _with_system(system, _generate_prompt(prompt, file))
+    directory = model_path(model)  # a wrong model is reported before torch loads
     set_threads(threads)
     t0 = time.perf_counter()
-    calm = load_for_cli(model, device, dtype, ae, tokenizer)
+    calm = load_for_cli(str(directory), device, dtype, ae, tokenizer)
     load_s = time.perf_counter() - t0
+    from ..runtime.engine import (
+        Engine,  # torch is loaded by now; arguments were checked without it
+    )
+    from ..runtime.text import GenerationStats, stream_text
+
     use_compile = compile if compile is not None else calm.transformer.embed_tokens.weight.is_cuda
     engine = Engine(calm, max_batch=max_batch if jsonl else 1, compile=use_compile, candidate_decoder=candidate_decoder,
                     candidate_dtype=candidate_dtype)
@@ -175,8 +184,8 @@ def _jsonl_input(file: Optional[Path]) -> list[str]:
 JSONL_FIELDS = {  # key: (GenerationSettings field, type, valid, wording)
     "temp": ("temperature", float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "max_tokens": ("max_tokens", int, lambda v: v >= 1, "a whole number >= 1"),
-    "samples": ("num_samples", int, lambda v: v >= 1, "a whole number >= 1"),
-    "seed": ("seed", int, lambda v: 0 <= v < 2**63, "a whole number in [0, 2^63)"),
+    "samples": ("num_samples", int, lambda v: 1 <= v <= SAMPLES_LIMIT, f"a whole number in [1, {SAMPLES_LIMIT}]"),
+    "seed": ("seed", int, lambda v: 0 <= v <= MAX_SEED, "a whole number in [0, 2^63)"),
 }
 
 

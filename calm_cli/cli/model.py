@@ -184,11 +184,12 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Configuration, K, parameter counts, dtype and file format."""
-    from ..io.checkpoint import describe
-
     if model_arg is not None and model is not None:
         raise UsageError("give the model once: as MODEL or with -m")
-    facts = describe(model_path(model_arg or model))
+    directory = model_path(model_arg or model)
+    from ..io.checkpoint import describe
+
+    facts = describe(directory)
     if as_json:
         sys.stdout.write(json.dumps(facts, indent=2) + "\n")
         return
@@ -228,6 +229,7 @@ def convert(
     Takes a CALM checkpoint (the authors' layout or ours) or a token-level baseline; keeps the
     source's dtype unless --dtype is given, and says so when DST already held a model.
     """
+    from ..io.atomic import current_file
     from ..io.checkpoint import (
         is_baseline_dir,
         load_baseline,
@@ -244,7 +246,7 @@ def convert(
         dtype = stored if stored in DTYPES else "fp32"
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype '{dtype}' (use fp32, bf16 or fp16)")
-    replacing = (dst / "config.json").is_file()
+    replacing = current_file(dst, "config.json").is_file()
     if is_baseline_dir(source):
         save_baseline(load_baseline(source), dst, dtype=DTYPES[dtype], force=force)
     else:

@@ -59,15 +59,13 @@ def serve(
 
     Stop with Ctrl-C or SIGTERM: requests in flight end at once with what they have.
     """
-    import uvicorn
-
     from ..runtime.chat import DEFAULT_TEMPLATE, Template
-    from ..runtime.engine import Engine
-    from ..runtime.precision import check_candidate_dtype
-    from ..runtime.runners import check_candidate_decoder
-    from ..runtime.settings import GenerationSettings, check_settings
-    from ..serve.app import ServeConfig, create_app
-    from ..serve.worker import EngineWorker
+    from ..runtime.settings import (
+        GenerationSettings,
+        check_candidate_decoder,
+        check_candidate_dtype,
+        check_settings,
+    )
 
     if not 0 < port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {port}")
@@ -83,6 +81,12 @@ def serve(
     path = model_path(model)
     set_threads(threads)
     loaded = load_for_cli(str(path), device, dtype)
+    import uvicorn  # the server's packages and torch load only once the arguments are good
+
+    from ..runtime.engine import Engine
+    from ..serve.app import ServeConfig, create_app
+    from ..serve.worker import EngineWorker
+
     if loaded.tokenizer is None:
         raise CalmError("the model has no tokenizer.json: the server needs one")
     use_compile = compile if compile is not None else loaded.transformer.embed_tokens.weight.is_cuda

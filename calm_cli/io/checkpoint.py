@@ -322,6 +322,9 @@ def write_directory(target: Path, files: dict[str, FileWriter], force: bool = Fa
         raise UsageError(f"{target}: exists and is not a folder")
     if target.is_dir() and not force and not _holds_model(target):
         raise UsageError(f"{target}: folder is not empty and holds no model (pass --force to add the model's files to it)")
+    stale = [name for name in OWNED_FILES if name not in files and target.is_dir() and current_file(target, name).exists()]
+    if stale:  # it would stay beside the new model and be read as its own
+        raise UsageError(f"{target}: holds a {stale[0]} that this model does not have; remove it or save elsewhere")
     try:
         replace_files(target, files)
     except OSError as exc:

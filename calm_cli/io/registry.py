@@ -59,7 +59,7 @@ def known_models() -> dict[str, Path]:
     user = user_models_dir()
     if user.is_dir():
         for sub in sorted(user.iterdir()):
-            if (sub / "config.json").is_file():
+            if current_file(sub, "config.json").is_file():
                 found[sub.name] = sub
     return found
 

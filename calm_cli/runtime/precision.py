@@ -28,25 +28,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import UsageError
 from ..models.autoencoder import Decoder
 from ..models.calm import CALM
-from .fastdecode import FastCandidateDecoder
+from .fastdecode import FastCandidateDecoder, ieee_float32
 from .rng import RowRandom
+from .settings import check_candidate_dtype
 
-CANDIDATE_DTYPES = {"auto": None, "float32": torch.float32, "bf16": torch.bfloat16}
-
-
-def check_candidate_dtype(name: str) -> None:
-    if name not in CANDIDATE_DTYPES:
-        raise UsageError(f"--candidate-dtype must be auto, float32 or bf16, got '{name}'")
+DTYPES = {"auto": None, "float32": torch.float32, "bf16": torch.bfloat16}
 
 
 def has_fast_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run at a native rate here: CUDA with bf16, or a CPU with AVX512-BF16 / AMX."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    flags = _cpu_flags()
+    if flags is not None:  # oneDNN also reports bf16 on AVX512 CPUs that only emulate it, slower than float32
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), else None."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
 
 
 def candidate_dtypes(name: str, model_dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
@@ -56,7 +68,7 @@ def candidate_dtypes(name: str, model_dtype: torch.dtype, device: torch.device) 
     float32 or bf16: that dtype for both.
     """
     check_candidate_dtype(name)
-    wanted = CANDIDATE_DTYPES[name]
+    wanted = DTYPES[name]
     if wanted is not None:
         return wanted, wanted
     pool = torch.bfloat16 if model_dtype == torch.float32 and has_fast_bf16(device) else model_dtype
@@ -110,5 +122,7 @@ class CandidatePath:
         return self.decoder.hidden(latents.to(self.dtype)).to(self.weight.dtype)
 
     def _dense_chunks(self, latents: Tensor) -> Tensor:
-        """Latents [..., latent] -> argmax chunks [..., K] over the whole vocabulary."""
-        return F.linear(self.states(latents.unsqueeze(-2)), self.weight).argmax(-1)
+        """Latents [..., latent] -> argmax chunks [..., K] over the whole vocabulary, in IEEE float32 whatever the user set."""
+        states = self.states(latents.unsqueeze(-2))
+        with ieee_float32(states.device):
+            return F.linear(states, self.weight).argmax(-1)

@@ -26,7 +26,6 @@ def _signed(value: int) -> int:
 GOLDEN = _signed(0x9E3779B97F4A7C15)
 MIX1 = _signed(0xBF58476D1CE4E5B9)
 MIX2 = _signed(0x94D049BB133111EB)
-MAX_SEED = (1 << 63) - 1
 
 
 def _shift_right(z: Tensor, bits: int) -> Tensor:

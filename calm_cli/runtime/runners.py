@@ -14,16 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import UsageError
 from ..models.backbone import Backbone, KVCache
 from ..models.baseline import TokenTransformer
 from ..models.calm import CALM
+from .fastdecode import ieee_float32
 from .precision import CandidatePath, candidate_dtypes, draws_one
 from .rng import RowRandom
 from .sampling import SamplingStats, select_from_pool, temperature_sample
-from .settings import GenerationSettings
+from .settings import GenerationSettings, check_candidate_decoder
 
-CANDIDATE_DECODERS = ("dense", "fast")
 EXACT_BLOCK = 8  # the exact sampler's first round: a confident position is accepted within it
 # The approximation draws its N candidates in one call.  An adaptive pool (16, doubling until
 # settled) needs 2+ calls: on the default model's diffuse positions it never settles early and
@@ -35,10 +34,6 @@ LEFTOVER_POOL = 64  # fewest candidates drawn for a first chunk that must start 
 LEFTOVER_BUDGET = 8  # the exact sampler's conditioned draws give up after this many pools
 SCORE_ELEMENTS = 1 << 22  # float32 logits alive at once when scoring a leftover prefix (16 MB)
 
-
-def check_candidate_decoder(name: str) -> None:
-    if name not in CANDIDATE_DECODERS:
-        raise UsageError(f"--candidate-decoder must be 'dense' or 'fast', got '{name}'")
 
 
 class Runner:
@@ -239,11 +234,12 @@ class CALMRunner(Runner):
                 break
             h = hidden[:, :, j].reshape(m * p, -1)
             target = weight[prefix[:, j].clamp(min=0)].repeat_interleave(p, 0)
-            logp = torch.cat([
-                (h[i : i + step] * target[i : i + step]).sum(-1).float()
-                - F.linear(h[i : i + step], weight).float().logsumexp(-1)
-                for i in range(0, m * p, step)
-            ])
+            with ieee_float32(h.device):
+                logp = torch.cat([
+                    (h[i : i + step] * target[i : i + step]).sum(-1).float()
+                    - F.linear(h[i : i + step], weight).float().logsumexp(-1)
+                    for i in range(0, m * p, step)
+                ])
             total += logp.view(m, p) * fixed[:, None]
         return total
 

@@ -44,8 +44,7 @@ from ..io.tokenizer import encode
 from ..runtime.chat import DEFAULT_TEMPLATE, Conversation, Template, Turn
 from ..runtime.engine import PromptTooLong, Update
 from ..runtime.engine import Request as EngineRequest
-from ..runtime.rng import MAX_SEED
-from ..runtime.settings import GenerationSettings
+from ..runtime.settings import MAX_SEED, SAMPLES_LIMIT, GenerationSettings
 from ..runtime.text import TextStream
 from .worker import EngineWorker
 
@@ -86,7 +85,7 @@ class Options(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
-    samples: int | None = Field(None, ge=1, le=4096)
+    samples: int | None = Field(None, ge=1, le=SAMPLES_LIMIT)
     sampler: Literal["approx", "exact"] | None = None
     ignore_eos: bool = False  # as in vLLM: a fixed number of tokens, for benchmarks
 
