@@ -341,13 +341,15 @@ def describe(path: ModelSpec = None) -> dict[str, Any]:
     directory = _check_dir(path)
     raw = read_config(directory)
     if "TokenTransformer" in (raw.get("architectures") or []):
-
         baseline = load_baseline(directory)
         counts = baseline.parameter_counts()
+        unused = {"latent_size", "noise_size", "num_mlp_layers", "num_samples", "beta", "ae_path"}  # CALM-only fields
         return {
             "path": str(directory), "kind": "baseline (token-level)", "patch_size (K)": 1,
+            "stored dtype": raw.get("torch_dtype", "unknown"),
             "parameters": {**counts, "total": sum(counts.values())},
-            "config": config_to_dict(baseline.config),
+            "config": {k: v for k, v in config_to_dict(baseline.config).items() if k not in unused},
+            "tokenizer": "tokenizer.json" if baseline.tokenizer is not None else "none",
         }
     if not _is_calm(raw):
         ae = load_autoencoder(directory)
