@@ -90,7 +90,6 @@ class Request:
     finish_reason: str | None = None
     on_update: Callable[[Update], None] | None = None
     cancel_reason: str | None = None
-    submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None  # prefill began
     first_step: float | None = None  # prefill ended
     finished: float | None = None
@@ -154,8 +153,6 @@ class Engine:
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
         self.prefixes: list[list[int] | None] = [None] * self.max_batch
         self.sampling = SamplingStats()
-        self.steps = 0
-        self.step_s = 0.0  # time in decode steps, summed
         self._waiting: deque[Request] = deque()
         self._live: dict[int, Request] = {}  # submitted and not finished, wherever they are
         self._lock = threading.Lock()
@@ -227,7 +224,6 @@ class Engine:
         return updates
 
     def _decode(self, busy: list[int], updates: list[Update]) -> None:
-        t0 = time.perf_counter()
         rows = max(busy) + 1  # slots are filled lowest first, so this stays small when few are busy
         chosen = torch.full((rows, self.k), self.eos if self.eos is not None else 0, dtype=torch.long, device=self.device)
         for members, settings, prefixes in self._groups(busy):
@@ -241,8 +237,6 @@ class Engine:
         tokens = chosen.tolist()  # the step's one transfer to the host
         for i in busy:
             updates.append(self._take(i, tokens[i]))
-        self.steps += 1
-        self.step_s += time.perf_counter() - t0
 
     def _index(self, members: list[int]) -> torch.Tensor:
         """The device index of a group of slots, made once per membership (a copy to the device is a sync on CUDA)."""
