@@ -28,6 +28,7 @@ can have seen.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from collections import deque
@@ -73,9 +74,11 @@ def compiled_step(runner: Runner) -> Callable[[KVCache, torch.Tensor, torch.Tens
     grow; only the batch rows and the attention span (a multiple of SPAN_QUANTUM) are
     shapes. They start static and turn symbolic the first time one changes (torch's
     automatic dynamic shapes), so a run compiles at most about three times, not once per
-    bucket.
+    bucket. $CALM_COMPILE_BACKEND picks another torch.compile backend (`aot_eager` traces
+    without generating code: the GPU check's dry run uses it, and it tells a compiler bug from
+    a tracing one).
     """
-    return torch.compile(runner.step, fullgraph=True, dynamic=None)
+    return torch.compile(runner.step, fullgraph=True, dynamic=None, backend=os.environ.get("CALM_COMPILE_BACKEND", "inductor"))
 
 
 @dataclass
