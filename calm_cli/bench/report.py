@@ -87,7 +87,7 @@ def summary(report: dict[str, Any]) -> str:
     why = f" ({report['threads_reason']})" if report.get("threads_reason") else ""  # the command line adds it; run_bench alone does not know
     return (
         f"{report['source']} · {report['hardware']} · {report['device']} {report['dtype']} · "
-        f"{report['threads']} threads{why} · "
+        f"{report['threads']} thread{'s' * (report['threads'] != 1)}{why} · "
         f"compile {'on' if report['compile'] else 'off'} · {_runs(report['repetitions'])} after warm-up · "
         f"peak memory: {report['peak_mem_kind']} · load (not timed in rows): {loads}"
     )
