@@ -105,6 +105,8 @@ def test_read_sample_counts_only_usable_cores_and_this_process(tmp_path):
     assert read_sample([0, 1], stat, own).total == 250 + 400 + 5 + 768
     assert read_sample([5], stat, own) is None  # none of our CPUs listed
     assert read_sample([0], tmp_path / "missing", own) is None
+    own.write_text("4242 (cut short) R 1\n")
+    assert read_sample([0], stat, own) is None
 
 
 def test_read_sample_on_this_machine():

@@ -58,8 +58,9 @@ def read_sample(cpus: Iterable[int], stat: str = "/proc/stat", own: str = "/proc
         with open(stat) as f:
             lines = f.read().splitlines()
         with open(own) as f:
-            own_fields = f.read().rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
-    except (OSError, IndexError):
+            fields = f.read().rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+        own_ticks = int(fields[11]) + int(fields[12])  # utime and stime, of every thread
+    except (OSError, IndexError, ValueError):
         return None
     wanted = {f"cpu{i}" for i in cpus}
     busy = total = 0
@@ -75,7 +76,7 @@ def read_sample(cpus: Iterable[int], stat: str = "/proc/stat", own: str = "/proc
             total += work + idle + iowait
     if total == 0:
         return None
-    return CpuSample(busy=busy, total=total, own=int(own_fields[11]) + int(own_fields[12]))  # utime, stime: every thread
+    return CpuSample(busy=busy, total=total, own=own_ticks)
 
 
 def decide(cores: int, limit: int, before: CpuSample | None, after: CpuSample | None) -> ThreadChoice:
