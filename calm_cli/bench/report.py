@@ -84,7 +84,7 @@ NARROW_NOTE = (
 def summary(report: dict[str, Any]) -> str:
     """One line on what was measured and where; model build/load times, which the rows exclude."""
     loads = ", ".join(f"{m['kind']} K={m['K']} {m['load_s']:.2f}s" for m in report["models"])
-    why = f" ({report['threads_reason']})" if report.get("threads_reason") else ""  # the command line adds it; run_bench alone does not know
+    why = f" ({report['threads_reason']})" if report.get("threads_reason") else ""  # set by `calm bench`, not by run_bench
     return (
         f"{report['source']} · {report['hardware']} · {report['device']} {report['dtype']} · "
         f"{report['threads']} thread{'s' * (report['threads'] != 1)}{why} · "
