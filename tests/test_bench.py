@@ -47,12 +47,13 @@ def test_bench_json_on_tiny_preset():
         if row["kind"] == "calm":
             assert _positive(row["speedup_vs_baseline"])
     assert report["peak_mem_kind"].startswith("rss_high_water") and all(m["load_s"] >= 0 for m in report["models"])
+    assert report["threads"] == 1 and report["threads_reason"] == "--threads"
 
 
 def test_bench_markdown_and_usage_errors():
     r = run_calm("bench", "--preset", "tiny", "-p", "4", "-n", "8", "-r", "1", "--threads", "1", "--device", "cpu", "--md")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("| kind | K | batch |") and "| calm | 4 | 1 |" in r.stdout
+    assert r.stdout.startswith("| kind | K | batch |") and "| calm | 4 | 1 |" in r.stdout and "1 thread (--threads) · " in r.stdout
     for args in (["--K", "x"], ["--preset", "huge"]):
         bad = run_calm("bench", *args)
         assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, (args, bad.stderr)

@@ -174,29 +174,6 @@ def test_threads_option_and_variable(tmp_path):
     assert env_bad.returncode == 2 and "CALM_THREADS" in env_bad.stderr
 
 
-def test_default_threads_leave_busy_cores_alone(monkeypatch):
-    from calm_cli.cli import common
-
-    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    for load, limit, expected in ((0.0, 64, 4), (0.05, 64, 4), (1.0, 64, 3), (1.3, 64, 2), (9.0, 64, 1), (0.0, 2, 2)):
-        monkeypatch.setattr(common.os, "getloadavg", lambda load=load: (load, load, load))
-        assert common.idle_cores(limit) == expected, (load, limit)
-
-
-def test_set_threads_reads_the_variable(monkeypatch):
-    import torch
-
-    from calm_cli.cli.common import set_threads
-
-    before = torch.get_num_threads()
-    try:
-        monkeypatch.setenv("CALM_THREADS", "2")
-        assert set_threads(None) == 2 == torch.get_num_threads()
-        assert set_threads(1) == 1 == torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_info_is_a_clean_table():
     r = run_calm("info", "-m", "default", env={"COLUMNS": "60"})
     assert r.returncode == 0, r.stderr

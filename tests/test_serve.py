@@ -72,7 +72,8 @@ def client(base: str, key: str = "unused") -> openai.OpenAI:
 
 def test_models_and_health(live: str) -> None:
     assert [m.id for m in client(live).models.list()] == [NAME]
-    assert httpx.get(f"{live}/health").json()["status"] == "ok"
+    health = httpx.get(f"{live}/health").json()
+    assert health["status"] == "ok" and health["threads"] >= 1 and health["threads_reason"]
 
 
 def test_completion_plain_and_streamed_agree(live: str) -> None:
@@ -215,6 +216,7 @@ def test_full_queue_is_429_and_a_dropped_stream_frees_its_slot() -> None:
         assert proc.wait(timeout=10) == 0
         log = proc.stderr.read()
         assert "Traceback" not in log and "cmpl-" in log and "finish=length" in log, log
+        assert "chosen once at start" in log.splitlines()[0], log
 
 
 def test_sigint_ends_a_stream_in_flight_and_exits_0() -> None:

@@ -275,14 +275,16 @@ def test_cli_trains_from_a_prepared_data_dir(tmp_path):
     result = runner.invoke(app, ["train", "calm", str(data), "--out", str(tmp_path / "calm"), "--max-steps", "2"])
     assert isinstance(result.exception, UsageError) and "--ae" in str(result.exception)
     calm_args = ["train", "calm", str(data), "--out", str(tmp_path / "calm"), "--ae", str(tmp_path / "ae" / "checkpoint"),
-                 "--layers", "1", "--heads", "2", "--noise-size", "8", "--mlp-layers", "1", "--max-steps", "2", *shape]
+                 "--layers", "1", "--heads", "2", "--noise-size", "8", "--mlp-layers", "1", "--max-steps", "2", "--threads", "2", *shape]
     result = runner.invoke(app, calm_args)
     assert result.exit_code == 0, result.output
-    # --resume keeps the checkpoint's loop flags (block and batch size) unless given again.
-    result = runner.invoke(app, ["train", "calm", str(data), "--out", str(tmp_path / "calm"), "--resume", "--max-steps", "3", "--no-progress"])
+    # --resume keeps the checkpoint's loop flags (block and batch size) unless given again; not --threads,
+    # which describes the machine: here $CALM_THREADS wins over the first run's --threads 2.
+    result = runner.invoke(app, ["train", "calm", str(data), "--out", str(tmp_path / "calm"), "--resume", "--max-steps", "3", "--no-progress"],
+                           env={"CALM_THREADS": "1"})
     assert result.exit_code == 0, result.output
     state = torch.load(tmp_path / "calm" / "checkpoint" / "trainer_state.pt", weights_only=True)
-    assert state["step"] == 3 and state["options"]["block_size"] == 64
+    assert state["step"] == 3 and state["options"]["block_size"] == 64 and state["options"]["threads"] == 1
     assert load_model(tmp_path / "calm" / "checkpoint").tokenizer is not None
     init = ["--init", str(tmp_path / "calm" / "checkpoint")]
     result = runner.invoke(app, ["train", "calm", str(data), "--out", str(tmp_path / "calm"), "--resume", *init])

@@ -84,9 +84,10 @@ NARROW_NOTE = (
 def summary(report: dict[str, Any]) -> str:
     """One line on what was measured and where; model build/load times, which the rows exclude."""
     loads = ", ".join(f"{m['kind']} K={m['K']} {m['load_s']:.2f}s" for m in report["models"])
+    why = f" ({report['threads_reason']})" if report.get("threads_reason") else ""  # set by `calm bench`, not by run_bench
     return (
         f"{report['source']} · {report['hardware']} · {report['device']} {report['dtype']} · "
-        f"{report['threads']} threads · "
+        f"{report['threads']} thread{'s' * (report['threads'] != 1)}{why} · "
         f"compile {'on' if report['compile'] else 'off'} · {_runs(report['repetitions'])} after warm-up · "
         f"peak memory: {report['peak_mem_kind']} · load (not timed in rows): {loads}"
     )

@@ -103,7 +103,7 @@ def bench(
         raise UsageError("--baseline goes with --model")
     model_dir = model_path(model) if model is not None else None
     baseline_dir = model_path(baseline) if baseline is not None else None
-    set_threads(threads)
+    threads_used = set_threads(threads)
     options = BenchOptions(
         ks=parse_list(k or "4", int, "--K"), batches=parse_list(batch, int, "--concurrency"), temperatures=parse_list(temp, float, "--temp"),
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, repetitions=repetitions, num_samples=samples, sampler=sampler,
@@ -120,6 +120,7 @@ def bench(
     else:
         makers, source = preset_subjects(preset or "tiny", options.ks, dev, dt), f"preset {preset or 'tiny'}"
     report = run_bench(makers, options, dev, source, progress=lambda line: err.print(f"[dim]{line}[/dim]"))
+    report["threads_reason"] = threads_used.reason
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")
     elif as_csv:

@@ -35,6 +35,7 @@ from .common import (
     SamplesOpt,
     TempOpt,
     ThreadsOpt,
+    err,
     load_for_cli,
     seed_option,
     set_threads,
@@ -517,7 +518,9 @@ def chat(
 
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
     check_settings(settings)  # before set_threads, which loads torch
-    set_threads(threads)
+    threads_used = set_threads(threads)
+    if verbose:
+        err.print(f"[dim]{threads_used}[/dim]")
     run_chat(
         lambda name: load_for_cli(name, device, dtype), model or os.environ.get("CALM_MODEL") or "default", settings,
         DEFAULT_TEMPLATE if template is None else template, system, verbose, history,

@@ -6,8 +6,6 @@ modules import torch and the runtime only inside their command functions.
 
 from __future__ import annotations
 
-import math
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -16,6 +14,7 @@ import typer
 
 from ..errors import UsageError
 from ..runtime.settings import MAX_SEED, SAMPLES_LIMIT
+from ..runtime.threads import LoadWindow, ThreadChoice, requested_threads
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -51,7 +50,7 @@ DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (CU
 DtypeOpt = typer.Option("auto", "--dtype", help="fp32, bf16, fp16 or auto (bf16 on CUDA, fp32 on CPU).")
 ThreadsOpt = typer.Option(
     None, "--threads", metavar="N",
-    help="CPU threads for torch. Default: $CALM_THREADS, else the cores not already busy (see README).",
+    help="CPU threads for torch. Default: $CALM_THREADS, else the cores not busy as the command starts (see README).",
 )
 
 
@@ -71,38 +70,19 @@ class _LazyConsole:
 err = _LazyConsole()
 
 
-def idle_cores(limit: int) -> int:
-    """The cores this process may use less those already busy (1-minute load average, rounded up): at least 1, at most `limit`.
+def set_threads(threads: Optional[int]) -> ThreadChoice:
+    """Apply --threads (else $CALM_THREADS, else the cores idle now) to torch; return the count and why.
 
-    More torch threads than free cores is the one setting that collapses: each step waits for
-    its slowest thread, and a thread that shares a core with another process is very slow
-    (on 2 cores with one busy process, 2 threads ran 5-10x slower than 1; see README).
+    The load window opens before torch is imported and closes after, so the import is the window
+    and measuring the load costs nothing on a cold start (README, Threads).
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = math.ceil(os.getloadavg()[0] - 0.1)  # a trace of load (a shell, a finished job) is not a busy core
-    except (AttributeError, OSError):
-        busy = 0
-    return max(1, min(limit, cores - max(busy, 0)))
-
-
-def set_threads(threads: Optional[int]) -> int:
-    """Apply --threads (else $CALM_THREADS, else the idle cores) to torch; return the count used."""
+    requested = requested_threads(threads)
+    window = LoadWindow() if requested is None else None
     import torch
 
-    if threads is None:
-        raw = os.environ.get("CALM_THREADS")
-        if raw:
-            try:
-                threads = int(raw)
-            except ValueError:
-                raise UsageError(f"CALM_THREADS={raw}: not a whole number") from None
-        else:
-            threads = idle_cores(torch.get_num_threads())
-    if threads < 1:
-        raise UsageError("--threads must be at least 1")
-    torch.set_num_threads(threads)
-    return threads
+    choice = window.close(torch.get_num_threads()) if window is not None else requested
+    torch.set_num_threads(choice.count)
+    return choice
 
 
 def model_path(model: Optional[str]) -> Path:

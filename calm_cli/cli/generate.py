@@ -94,7 +94,9 @@ def generate(
     lines = _jsonl_input(file) if jsonl else []
     text = "" if jsonl else _with_system(system, _generate_prompt(prompt, file))
     directory = model_path(model)  # a wrong model is reported before torch loads
-    set_threads(threads)
+    threads_used = set_threads(threads)
+    if verbose:
+        err.print(f"[dim]{threads_used}[/dim]")
     t0 = time.perf_counter()
     calm = load_for_cli(str(directory), device, dtype, ae, tokenizer)
     load_s = time.perf_counter() - t0

@@ -79,7 +79,7 @@ def serve(
     check_candidate_dtype(candidate_dtype)
     Template.parse(template or DEFAULT_TEMPLATE)
     path = model_path(model)
-    set_threads(threads)
+    threads_used = set_threads(threads)  # once, for the server's life
     loaded = load_for_cli(str(path), device, dtype)
     import uvicorn  # the server's packages and torch load only once the arguments are good
 
@@ -96,7 +96,7 @@ def serve(
     worker = EngineWorker(engine)
     config = ServeConfig(
         model_name=name or path.resolve().name, defaults=defaults, max_queue=max_queue, api_key=api_key,
-        template=template or DEFAULT_TEMPLATE,
+        template=template or DEFAULT_TEMPLATE, threads=threads_used,
     )
     app = create_app(worker, loaded.tokenizer, config)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -109,7 +109,8 @@ def serve(
             super().handle_exit(sig, frame)
 
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
-    err.print(f"calm serve: '{config.model_name}' (K={engine.k}, {engine.max_batch} slots) on http://{host}:{port}/v1")
+    err.print(f"calm serve: '{config.model_name}' (K={engine.k}, {engine.max_batch} slots) on http://{host}:{port}/v1 · "
+              f"{threads_used}, chosen once at start", soft_wrap=True)
     # uvicorn raises the stop signal again once it has shut down; it lands here, so the exit code is 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -13,7 +13,7 @@ import typer
 
 from ..errors import CalmError, UsageError
 from ..models.config import AutoencoderConfig, CALMConfig, read_json
-from .common import seed_option
+from .common import err, seed_option, set_threads
 from .typer_setup import examples, new_typer
 
 if TYPE_CHECKING:
@@ -40,7 +40,10 @@ EvalEvery = typer.Option(500, "--eval-every", help="Held-out evaluation every th
 EvalBatches = typer.Option(4, "--eval-batches", help="Held-out batches per evaluation.")
 LogEvery = typer.Option(10, "--log-every", help="Steps per log.jsonl record.")
 Seed = seed_option(0, "Seed of initialisation, data order and noise (a resumed run keeps its own).")
-Threads = typer.Option(None, "--threads", help="CPU threads (default: all cores available).")
+Threads = typer.Option(
+    None, "--threads", metavar="N",
+    help="CPU threads. Default: $CALM_THREADS, else the cores not busy as training starts (see README); --resume decides anew.",
+)
 Bf16 = typer.Option(False, "--bf16/--fp32", help="bf16 autocast (weights and optimizer stay fp32).")
 Resume = typer.Option(False, "--resume", help="Continue from OUT/checkpoint exactly where it stopped.")
 Init = typer.Option(None, "--init", help="Fresh run starting from the weights of this saved model of the same kind and shape (fresh optimizer and step count); a CALM backbone also moves to an autoencoder of another K or latent size.")
@@ -107,19 +110,22 @@ def _is_default(ctx: typer.Context, param: str) -> bool:
 
 
 def _resumed(ctx: typer.Context, loop: dict[str, Any]) -> dict[str, Any]:
-    """On --resume, loop flags not given on this command line keep the checkpoint's values."""
+    """On --resume, loop flags not given on this command line keep the checkpoint's values.
+
+    Not --threads: it describes the machine and its load, not the run, so a resumed run decides anew.
+    """
     from ..training.train import saved_options
 
     merged = dict(loop)
     for key, value in saved_options(loop["out"]).items():
         param = "warmup" if key == "warmup_steps" else key
-        if key in loop and key not in ("out", "resume", "stop_at") and _is_default(ctx, param):
+        if key in loop and key not in ("out", "resume", "stop_at", "threads") and _is_default(ctx, param):
             merged[key] = value
     return merged
 
 
 def _run(kind: str, ctx: typer.Context, data: Path, tokenizer: Optional[Path], make_config, loop: dict[str, Any], autoencoder=None) -> None:
-    from ..training.train import TrainOptions, train
+    from ..training.train import TrainOptions, resume_point, train
 
     if loop["resume"]:
         if loop["init"] is not None:
@@ -132,7 +138,10 @@ def _run(kind: str, ctx: typer.Context, data: Path, tokenizer: Optional[Path], m
     config = None if loop["resume"] else make_config(_vocab(tokens, manifest, tok), _special_ids(manifest, tok))
     if kind == "calm" and autoencoder is not None and tok is None:
         tok = getattr(autoencoder, "tokenizer", None)
-    result = train(kind, TrainOptions(**loop), tokens, heldout, config=config, autoencoder=autoencoder, tokenizer=tok)
+    resume_point(TrainOptions(**loop))  # OUT and --resume agree: the thread line below is not followed by an error
+    threads = set_threads(loop["threads"])
+    err.print(f"[dim]calm train: {threads}[/dim]")
+    result = train(kind, TrainOptions(**{**loop, "threads": threads.count}), tokens, heldout, config=config, autoencoder=autoencoder, tokenizer=tok)
     metrics = " ".join(f"{k}={v:.4g}" for k, v in result["eval"].items())
     loss = f"{result['loss']:.4f}" if result["loss"] is not None else "-"
     typer.echo(f"step {result['step']} loss {loss} {metrics}".rstrip())

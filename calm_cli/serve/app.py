@@ -46,6 +46,7 @@ from ..runtime.engine import PromptTooLong, Update
 from ..runtime.engine import Request as EngineRequest
 from ..runtime.settings import MAX_SEED, SAMPLES_LIMIT, GenerationSettings
 from ..runtime.text import TextStream
+from ..runtime.threads import ThreadChoice
 from .worker import EngineWorker
 
 log = logging.getLogger("calm.serve")
@@ -126,6 +127,7 @@ class ServeConfig:
     api_key: str | None = None
     template: str = DEFAULT_TEMPLATE
     completion_max_tokens: int = 16  # OpenAI's default for /v1/completions
+    threads: ThreadChoice | None = None  # decided once at start; /health says it
 
 
 class Metrics:
@@ -210,8 +212,9 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
+        threads = {"threads": config.threads.count, "threads_reason": config.threads.reason} if config.threads else {}
         return {"status": "ok", "model": config.model_name, "slots": engine.max_batch, "active": engine.active,
-                "queued": engine.queued}
+                "queued": engine.queued, **threads}
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models() -> dict[str, Any]:

@@ -48,6 +48,7 @@ from ..models.autoencoder import Autoencoder
 from ..models.baseline import TokenTransformer
 from ..models.calm import CALM
 from ..models.config import AutoencoderConfig, CALMConfig, config_to_dict
+from ..runtime.threads import LoadWindow
 
 KINDS = ("autoencoder", "calm", "baseline")
 DISTANCE_EPS = 1e-12  # keeps the gradient of ||a - b||^beta finite when two vectors coincide
@@ -76,7 +77,7 @@ class TrainOptions:
     eval_batches: int = 4
     log_every: int = 10
     seed: int = 0  # on --resume the checkpoint's seed is used
-    threads: int | None = None
+    threads: int | None = None  # None: the cores other processes leave idle now, as for generate (runtime/threads.py)
     bf16: bool = False
     resume: bool = False
     target_samples: int = 32  # calm: posterior samples per position (the authors use 100)
@@ -488,6 +489,20 @@ def _check_block(kind: str, model: nn.Module, options: TrainOptions, tokens: tor
         raise UsageError("set --max-steps or --max-minutes")
 
 
+def resume_point(options: TrainOptions) -> Path | None:
+    """OUT's checkpoint on --resume, None for a fresh run; a usage error when OUT and --resume disagree.
+
+    Its own function so the command line can check before it says anything else on stderr.
+    """
+    out = Path(options.out).expanduser()
+    existing = checkpoint_dir(out)
+    if options.resume and existing is None:
+        raise UsageError(f"{out}: no checkpoint to resume from")
+    if not options.resume and existing is not None:
+        raise UsageError(f"{out} already holds a checkpoint: pass --resume or choose another --out")
+    return existing
+
+
 def train(
     kind: str,
     options: TrainOptions,
@@ -505,12 +520,8 @@ def train(
     if kind not in KINDS:
         raise UsageError(f"unknown model kind {kind!r} (one of {', '.join(KINDS)})")
     out = Path(options.out).expanduser()
-    existing = checkpoint_dir(out)
-    if options.resume and existing is None:
-        raise UsageError(f"{out}: no checkpoint to resume from")
-    if not options.resume and existing is not None:
-        raise UsageError(f"{out} already holds a checkpoint: pass --resume or choose another --out")
-    torch.set_num_threads(options.threads or len(os.sched_getaffinity(0)))
+    existing = resume_point(options)
+    torch.set_num_threads(options.threads or LoadWindow().close(torch.get_num_threads()).count)
     rank, device = _setup_device(options)
     try:
         return _run(kind, options, out, existing, rank, device, train_tokens, heldout_tokens, config, autoencoder, tokenizer)
