@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -124,6 +125,7 @@ def serve(
         err.print(f"calm serve: compiling the decode step for {len(engine.warm_up_shapes())} batch and span shapes before listening…")
         if not _warm_up(worker):
             err.print("calm serve: stopped during warm-up")
+            _exit_if_busy(worker)
             return
         warm = f", compiled: warm-up {worker.warmup_s:.1f} s, {engine.compile_watch.graphs} graphs"
     err.print(f"calm serve: '{config.model_name}' (K={engine.k}, {engine.max_batch} slots{warm}) on http://{host}:{port}/v1")
@@ -136,6 +138,20 @@ def serve(
             signal.signal(sig, handler)
     if not server.started:
         raise CalmError(f"could not listen on {host}:{port}")
+    _exit_if_busy(worker)
+
+
+def _exit_if_busy(worker: "EngineWorker") -> None:
+    """End the process at once, with exit code 0, if the engine thread is still in a compile.
+
+    Finalising the interpreter while that thread runs inside torch's C++ code can abort
+    the process ("terminate called without an active exception"), so it skips
+    finalisation, after flushing what was printed.
+    """
+    if worker.running:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _warm_up(worker: "EngineWorker") -> bool:

@@ -79,7 +79,7 @@ class CompileWatch:
     of inductor, and the counts say that it happened.
     """
 
-    def __init__(self, backend: str = "inductor", limit: int = RECOMPILE_LIMIT) -> None:
+    def __init__(self, backend: str | Callable = "inductor", limit: int = RECOMPILE_LIMIT) -> None:
         self.backend, self.limit = backend, limit
         self.graphs = 0  # compiled by the backend, warm-up included
         self.recompiles = 0  # graphs traced after warm-up, compiled or not
@@ -165,7 +165,7 @@ class Engine:
 
     def __init__(
         self, model: CALM | TokenTransformer, *, max_batch: int | None = None, candidate_decoder: str = "fast",
-        compile: bool = False, candidate_dtype: str = "auto", compile_backend: str = "inductor",
+        compile: bool = False, candidate_dtype: str = "auto", compile_backend: str | Callable = "inductor",
     ) -> None:
         self.model = model
         self.runner = make_runner(model, candidate_decoder, candidate_dtype)

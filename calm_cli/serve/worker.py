@@ -36,7 +36,7 @@ class EngineWorker:
     def __init__(self, engine: Engine, on_step: Callable[[float], None] | None = None) -> None:
         self.engine = engine
         self.on_step = on_step
-        self.state = "starting"  # then "warming" (compiled step only), "ready"; or "failed"
+        self.state = "starting"  # then "warming" (compiled step only), "ready"; or "failed", or "stopped" during warm-up
         self.failure: str | None = None
         self.warmup_s: float | None = None
         self._wake = threading.Event()
@@ -48,6 +48,11 @@ class EngineWorker:
         """Start the thread; a second call does nothing (the CLI starts it early to warm up before listening)."""
         if self._thread.ident is None:
             self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        """Whether the thread is still alive (after `stop`: stuck in a compile)."""
+        return self._thread.is_alive()
 
     def wait_settled(self, timeout: float) -> bool:
         """Wait until warm-up has ended (ready, failed or stopped); False on timeout."""
@@ -115,6 +120,8 @@ class EngineWorker:
             log.debug("warm-up failed", exc_info=True)
             return False
         self.warmup_s = time.perf_counter() - started
+        if not done:
+            self.state = "stopped"
         return done
 
     def _loop(self) -> None:
