@@ -122,7 +122,8 @@ def serve(
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
     warm = ""
     if engine.compile_watch is not None:
-        err.print(f"calm serve: compiling the decode step for {len(engine.warm_up_shapes())} batch and span shapes before listening…")
+        shapes = len(engine.warm_up_shapes())
+        err.print(f"calm serve: compiling the decode step for {shapes} batch and span shapes before listening…")
         if not _warm_up(worker):
             err.print("calm serve: stopped during warm-up")
             _exit_if_busy(worker)
@@ -141,7 +142,7 @@ def serve(
     _exit_if_busy(worker)
 
 
-def _exit_if_busy(worker: "EngineWorker") -> None:
+def _exit_if_busy(worker: EngineWorker) -> None:
     """End the process at once, with exit code 0, if the engine thread is still in a compile.
 
     Finalising the interpreter while that thread runs inside torch's C++ code can abort
@@ -154,7 +155,7 @@ def _exit_if_busy(worker: "EngineWorker") -> None:
         os._exit(0)
 
 
-def _warm_up(worker: "EngineWorker") -> bool:
+def _warm_up(worker: EngineWorker) -> bool:
     """Start the worker and wait for its warm-up; False if SIGINT or SIGTERM came first.
 
     The wait is in short slices so the signal handlers run; a compile in progress is left
