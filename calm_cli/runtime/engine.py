@@ -161,6 +161,8 @@ class Engine:
     """Owns a model, its slots and KV cache; `submit` requests, then `step` (or `run`) until they are done.
 
     `submit` and `cancel` may be called from other threads; `step` from one thread only.
+    `compile` puts the backbone step under torch.compile (`compile_backend`, inductor by
+    default); `warm_up` then compiles it for every shape before the first request.
     """
 
     def __init__(
