@@ -129,7 +129,8 @@ class EngineWorker:
         while not (self._stopping.is_set() and not self.engine.has_work()):
             self._wake.clear()
             if not self.engine.has_work():
-                self._wake.wait()
+                if not self._stopping.is_set():  # `stop` sets it before it wakes us, so no wake-up is lost
+                    self._wake.wait()
                 continue
             t0 = time.perf_counter()
             try:
