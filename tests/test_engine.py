@@ -256,19 +256,17 @@ def test_the_decode_step_compiles_as_one_graph() -> None:
     assert explained.graph_count == 1
 
 
-def test_compiled_engine_traces_to_the_eager_tokens(monkeypatch) -> None:
+def test_compiled_engine_traces_to_the_eager_tokens() -> None:
     """The engine's compiled step, traced by dynamo (aot_eager: no C++ build, so it fits CI), gives the eager tokens.
 
     The batch changes size as requests finish, which exercises the recompile to dynamic shapes;
     inductor's own kernels are compared in tests/test_bench.py (CUDA or CALM_TEST_COMPILE=1).
     """
-    compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, **{**kw, "backend": "aot_eager"}))
     model = _calm(2)
     prompts = _prompts(3, seed=4)
     for temperature in (1.0, 0.5):
         budgets = [GenerationSettings(max_tokens=n, temperature=temperature, num_samples=16, seed=5, ignore_eos=True)
                    for n in (6, 10, 14)]
         eager = decode_all(Engine(model, max_batch=3), prompts, budgets)
-        assert decode_all(Engine(model, max_batch=3, compile=True), prompts, budgets) == eager
+        assert decode_all(Engine(model, max_batch=3, compile=True, compile_backend="aot_eager"), prompts, budgets) == eager
         assert [len(tokens) for tokens in eager] == [6, 10, 14]

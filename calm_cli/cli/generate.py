@@ -66,7 +66,11 @@ def generate(
     ),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the decode step (default: on for CUDA)."),
+    compile: bool = typer.Option(
+        False, "--compile/--no-compile",
+        help="torch.compile the decode step. Off by default, as in llama.cpp: one prompt would wait for a cold "
+        "compile (minutes on a large model) that only long or many generations repay; `calm serve` compiles ahead.",
+    ),
     ae: Optional[Path] = typer.Option(None, "--ae", help="Autoencoder directory, overriding the checkpoint's ae_path."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json to use instead of the model's."),
     max_batch: Optional[int] = typer.Option(
@@ -105,8 +109,7 @@ def generate(
     )
     from ..runtime.text import GenerationStats, stream_text
 
-    use_compile = compile if compile is not None else calm.transformer.embed_tokens.weight.is_cuda
-    engine = Engine(calm, max_batch=max_batch if jsonl else 1, compile=use_compile, candidate_decoder=candidate_decoder,
+    engine = Engine(calm, max_batch=max_batch if jsonl else 1, compile=compile, candidate_decoder=candidate_decoder,
                     candidate_dtype=candidate_dtype)
     if jsonl:
         failed = _run_jsonl(engine, calm.tokenizer, lines, settings, stop, system, verbose)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
-from typing import Optional
+import threading
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
@@ -26,6 +28,9 @@ from .common import (
     set_threads,
 )
 from .typer_setup import with_examples
+
+if TYPE_CHECKING:
+    from ..serve.worker import EngineWorker
 
 
 @with_examples(
@@ -52,12 +57,18 @@ def serve(
     template: Optional[str] = typer.Option(None, "--template", help="Chat turn template, as for `calm chat` (default 'User: {message}\\nAssistant:')."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the decode step (default: on for CUDA)."),
+    compile: Optional[bool] = typer.Option(
+        None, "--compile/--no-compile",
+        help="torch.compile the decode step (default: on for CUDA). It is compiled for every batch and span shape "
+        "before the port opens, so no request waits for a compile.",
+    ),
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics).
 
-    Stop with Ctrl-C or SIGTERM: requests in flight end at once with what they have.
+    With a compiled step (CUDA's default) the port opens only after warm-up, as in vLLM.
+    Stop with Ctrl-C or SIGTERM, also during warm-up: requests in flight end at once with
+    what they have.
     """
     from ..runtime.chat import DEFAULT_TEMPLATE, Template
     from ..runtime.settings import (
@@ -109,7 +120,16 @@ def serve(
             super().handle_exit(sig, frame)
 
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
-    err.print(f"calm serve: '{config.model_name}' (K={engine.k}, {engine.max_batch} slots) on http://{host}:{port}/v1 · "
+    warm = ""
+    if engine.compile_watch is not None:
+        shapes = len(engine.warm_up_shapes())
+        err.print(f"calm serve: compiling the decode step for {shapes} batch and span shapes before listening…")
+        if not _warm_up(worker):
+            err.print("calm serve: stopped during warm-up")
+            _exit_if_busy(worker)
+            return
+        warm = f", compiled: warm-up {worker.warmup_s:.1f} s, {engine.compile_watch.graphs} graphs"
+    err.print(f"calm serve: '{config.model_name}' (K={engine.k}, {engine.max_batch} slots{warm}) on http://{host}:{port}/v1 · "
               f"{threads_used}, chosen once at start", soft_wrap=True)
     # uvicorn raises the stop signal again once it has shut down; it lands here, so the exit code is 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -120,4 +140,40 @@ def serve(
             signal.signal(sig, handler)
     if not server.started:
         raise CalmError(f"could not listen on {host}:{port}")
+    _exit_if_busy(worker)
 
+
+def _exit_if_busy(worker: EngineWorker) -> None:
+    """End the process at once, with exit code 0, if the engine thread is still in a compile.
+
+    Finalising the interpreter while that thread runs inside torch's C++ code can abort
+    the process ("terminate called without an active exception"), so it skips
+    finalisation, after flushing what was printed.
+    """
+    if worker.running:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def _warm_up(worker: EngineWorker) -> bool:
+    """Start the worker and wait for its warm-up; False if SIGINT or SIGTERM came first.
+
+    The wait is in short slices so the signal handlers run; a compile in progress is left
+    to the daemon thread, which dies with the process (a compile cannot be interrupted).
+    """
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        worker.start()
+        while not worker.wait_settled(0.1):
+            if stop.is_set():
+                break
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop.is_set() or worker.state != "ready":
+        worker.stop()
+    if worker.failure is not None:
+        raise CalmError(worker.failure)
+    return worker.state == "ready" and not stop.is_set()

@@ -67,18 +67,56 @@ def default_max_batch(device: torch.device) -> int:
     return DEFAULT_MAX_BATCH.get(device.type, 8)
 
 
-def compiled_step(runner: Runner) -> Callable[[KVCache, torch.Tensor, torch.Tensor, int], torch.Tensor]:
+RECOMPILE_LIMIT = 2  # graphs compiled after warm-up; later ones run their traced graph eagerly
+
+
+class CompileWatch:
+    """The torch.compile backend of an engine's step: counts its graphs and bounds recompiles after warm-up.
+
+    Dynamo calls a backend once per graph it traced (a first call, or a call whose shapes
+    failed every compiled graph's guards). Before `seal` those are warm-up. After it, each
+    one is a compile in the request path: the first `limit` go to the real backend, later
+    ones run the traced graph eagerly, so an unforeseen shape costs one trace, not minutes
+    of inductor, and the counts say that it happened.
+    """
+
+    def __init__(self, backend: str | Callable = "inductor", limit: int = RECOMPILE_LIMIT) -> None:
+        self.backend, self.limit = backend, limit
+        self.graphs = 0  # compiled by the backend, warm-up included
+        self.recompiles = 0  # graphs traced after warm-up, compiled or not
+        self.eager_graphs = 0  # of those, the ones past `limit`, left eager
+        self.sealed = False
+        self.compiling = False  # the backend is compiling right now (minutes with inductor; it cannot be interrupted)
+
+    def seal(self) -> None:
+        """Warm-up is over: from now on a new graph is a recompile."""
+        self.sealed = True
+
+    def __call__(self, graph: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        if self.sealed:
+            self.recompiles += 1
+            if self.recompiles > self.limit:
+                self.eager_graphs += 1
+                return graph.forward
+        self.compiling = True
+        try:
+            compiled = torch._dynamo.lookup_backend(self.backend)(graph, example_inputs)
+        finally:
+            self.compiling = False
+        self.graphs += 1
+        return compiled
+
+
+def compiled_step(runner: Runner, watch: CompileWatch) -> Callable[[KVCache, torch.Tensor, torch.Tensor, int], torch.Tensor]:
     """`runner.step` under torch.compile as one graph (fullgraph: a graph break is an error, not a slow path).
 
     Each row's cache position is the `lengths` tensor, so the graph does not change as rows
     grow; only the batch rows and the attention span (a multiple of SPAN_QUANTUM) are
     shapes. They start static and turn symbolic the first time one changes (torch's
-    automatic dynamic shapes), so a run compiles at most about three times, not once per
-    bucket. $CALM_COMPILE_BACKEND picks another torch.compile backend (`aot_eager` traces
-    without generating code: the GPU check's dry run uses it, and it tells a compiler bug from
-    a tracing one).
+    automatic dynamic shapes); one row and a span of the whole cache are specialised apart,
+    so a run needs about six graphs, which `Engine.warm_up` compiles before any request.
     """
-    return torch.compile(runner.step, fullgraph=True, dynamic=None, backend=os.environ.get("CALM_COMPILE_BACKEND", "inductor"))
+    return torch.compile(runner.step, fullgraph=True, dynamic=None, backend=watch)
 
 
 @dataclass
@@ -124,11 +162,15 @@ class Engine:
     """Owns a model, its slots and KV cache; `submit` requests, then `step` (or `run`) until they are done.
 
     `submit` and `cancel` may be called from other threads; `step` from one thread only.
+    `compile` puts the backbone step under torch.compile (`compile_backend`, else
+    $CALM_COMPILE_BACKEND, else inductor: `aot_eager` traces without generating code, which
+    the GPU check's dry run uses and which tells a compiler bug from a tracing one); `warm_up`
+    then compiles it for every shape before the first request.
     """
 
     def __init__(
         self, model: CALM | TokenTransformer, *, max_batch: int | None = None, candidate_decoder: str = "fast",
-        compile: bool = False, candidate_dtype: str = "auto",
+        compile: bool = False, candidate_dtype: str = "auto", compile_backend: str | Callable | None = None,
     ) -> None:
         self.model = model
         self.runner = make_runner(model, candidate_decoder, candidate_dtype)
@@ -159,7 +201,9 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._live: dict[int, Request] = {}  # submitted and not finished, wherever they are
         self._lock = threading.Lock()
-        self._step = compiled_step(self.runner) if compile else self.runner.step
+        backend = compile_backend or os.environ.get("CALM_COMPILE_BACKEND", "inductor")
+        self.compile_watch = CompileWatch(backend) if compile else None
+        self._step = compiled_step(self.runner, self.compile_watch) if compile else self.runner.step
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -198,6 +242,11 @@ class Engine:
     def active(self) -> int:
         return sum(slot is not None for slot in self.slots)
 
+    @property
+    def compiling(self) -> bool:
+        """Whether the step is being compiled right now."""
+        return self.compile_watch is not None and self.compile_watch.compiling
+
     def has_work(self) -> bool:
         return bool(self._waiting) or any(slot is not None for slot in self.slots)
 
@@ -233,13 +282,52 @@ class Engine:
             index = self._index(members)
             chosen[index] = self.runner.sample(self.hidden[index], self.rng.rows(index), settings, self.sampling, prefixes)
         span = min(self.context, -(-(max(self.lengths[i] for i in busy) + 1) // SPAN_QUANTUM) * SPAN_QUANTUM)
-        # A row whose context is full writes over its last slot: it ends in this step, so nothing reads it.
-        at = self.write_at[:rows].clamp(max=self.context - 1)
-        self.hidden[:rows] = self._step(self.cache, chosen, at, span)
+        self._forward(chosen, span)
         self.write_at[:rows] += self.busy_mask[:rows]
         tokens = chosen.tolist()  # the step's one transfer to the host
         for i in busy:
             updates.append(self._take(i, tokens[i]))
+
+    def _forward(self, chosen: torch.Tensor, span: int) -> None:
+        """Feed one chunk per row of the first `chosen.shape[0]` slots through the (compiled) step."""
+        rows = chosen.shape[0]
+        # A row whose context is full writes over its last slot: it ends in this step, so nothing reads it.
+        at = self.write_at[:rows].clamp(max=self.context - 1)
+        self.hidden[:rows] = self._step(self.cache, chosen, at, span)
+
+    def warm_up_shapes(self) -> list[tuple[int, int]]:
+        """(rows, span) pairs whose graphs serve every step this engine can take.
+
+        Rows run from 1 to max_batch and the span over the multiples of SPAN_QUANTUM up to
+        the context. Torch specialises one row and a span of the whole cache (the slice is
+        then the buffer itself), and starts every other size static; the smallest, next and
+        largest of each, smallest first, make it compile those specialisations and the
+        symbolic graphs that cover everything in between.
+        """
+        rows = sorted({1, min(2, self.max_batch), self.max_batch})
+        spans = sorted({min(self.context, SPAN_QUANTUM * j) for j in range(1, -(-self.context // SPAN_QUANTUM) + 1)})
+        return [(r, s) for s in sorted({spans[0], spans[min(1, len(spans) - 1)], spans[-1]}) for r in rows]
+
+    @torch.inference_mode()
+    def warm_up(self, stop: Callable[[], bool] = lambda: False) -> bool:
+        """Compile the step for every shape a run can meet, before any request arrives.
+
+        It runs the engine's own compiled step on its own cache and buffers (the graphs a
+        step later finds are these), then seals the compile watch so later compiles count as
+        recompiles. The slots it writes are free, and a prefill overwrites them before they
+        are read. `stop` is asked between shapes; False if it ended the warm-up early.
+        """
+        if self.has_work():
+            raise RuntimeError("warm-up needs an idle engine")
+        filler = self.eos if self.eos is not None else 0
+        for rows, span in self.warm_up_shapes():
+            if stop():
+                return False
+            self._forward(torch.full((rows, self.k), filler, dtype=torch.long, device=self.device), span)
+        self.hidden.zero_()
+        if self.compile_watch is not None:
+            self.compile_watch.seal()
+        return True
 
     def _index(self, members: list[int]) -> torch.Tensor:
         """The device index of a group of slots, made once per membership (a copy to the device is a sync on CUDA)."""
@@ -249,6 +337,23 @@ class Engine:
                 self._indices.clear()
             self._indices[key] = torch.tensor(members, device=self.device)
         return self._indices[key]
+
+    def abandon(self, reason: str = "error") -> None:
+        """End every request at once without touching the device, for an engine whose device failed.
+
+        After a sticky CUDA error no kernel runs again, so `step` cannot retire anything;
+        this hands each live request its last update from the host alone. The engine takes
+        no more steps after it.
+        """
+        with self._lock:
+            requests = list(self._live.values())
+            self._live.clear()
+            self._waiting.clear()
+        self.slots, self.prefixes, self.lengths = [None] * self.max_batch, [None] * self.max_batch, [0] * self.max_batch
+        now = time.perf_counter()
+        for request in requests:
+            request.finish_reason, request.finished = reason, now
+        self._deliver([Update(request, [], reason) for request in requests])
 
     def _framed(self, prompt: list[int]) -> list[int]:
         """A prompt the model can condition on: at least one whole step, filled with EOS in front."""

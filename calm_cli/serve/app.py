@@ -47,7 +47,7 @@ from ..runtime.engine import Request as EngineRequest
 from ..runtime.settings import MAX_SEED, SAMPLES_LIMIT, GenerationSettings
 from ..runtime.text import TextStream
 from ..runtime.threads import ThreadChoice
-from .worker import EngineWorker
+from .worker import EngineFailed, EngineWorker
 
 log = logging.getLogger("calm.serve")
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}
@@ -151,6 +151,14 @@ class Metrics:
         active.set_function(lambda: worker.engine.active)
         slots = Gauge("calm_slots", "Slots of the engine (--max-batch)", registry=r)
         slots.set(worker.engine.max_batch)
+        if worker.engine.compile_watch is not None:
+            watch = worker.engine.compile_watch
+            graphs = Gauge("calm_compiled_graphs", "Graphs of the decode step compiled, warm-up included", registry=r)
+            graphs.set_function(lambda: watch.graphs)
+            recompiles = Gauge("calm_recompiles", "Graphs of the decode step traced after warm-up", registry=r)
+            recompiles.set_function(lambda: watch.recompiles)
+            warmup = Gauge("calm_warmup_seconds", "Time the compiled decode step took to warm up", registry=r)
+            warmup.set_function(lambda: worker.warmup_s or 0.0)
 
 
 @dataclass
@@ -211,10 +219,25 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
                            code="invalid_api_key")
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        threads = {"threads": config.threads.count, "threads_reason": config.threads.reason} if config.threads else {}
-        return {"status": "ok", "model": config.model_name, "slots": engine.max_batch, "active": engine.active,
-                "queued": engine.queued, **threads}
+    async def health() -> JSONResponse:
+        """200 once the server decodes; 503 while a compiled step warms up and after a device failure."""
+        ready = worker.state == "ready"
+        body = {"status": "ok" if ready else worker.state, "model": config.model_name, "slots": engine.max_batch,
+                "active": engine.active, "queued": engine.queued}
+        if config.threads:
+            body |= {"threads": config.threads.count, "threads_reason": config.threads.reason}
+        if worker.failure is not None:
+            body["reason"] = worker.failure
+        if (compiled := worker.compile_report()) is not None:
+            body["compile"] = compiled
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    def engine_failed(status: int) -> ApiError:
+        return ApiError(status, f"the engine failed ({worker.failure}); the server must be restarted", "server_error",
+                        code="engine_failed")
+
+    def failed_in_flight(choices: list[Choice]) -> bool:
+        return worker.failure is not None and any(c.finish_reason == "error" for c in choices)
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models() -> dict[str, Any]:
@@ -276,6 +299,10 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
                 for s in settings:
                     request = worker.submit(prompt, s, deliver)
                     choices.append(Choice(request, TextStream(tokenizer, stops)))
+        except EngineFailed:
+            for choice in choices:
+                worker.cancel(choice.request)
+            raise engine_failed(503) from None
         except UsageError as exc:
             for choice in choices:
                 worker.cancel(choice.request)
@@ -349,6 +376,8 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
                     if step is not None:
                         index, text = step
                         yield {"data": json.dumps(chunk(index, text, choices[index].finish_reason))}
+                if failed_in_flight(choices):
+                    yield {"data": engine_failed(500).response().body.decode()}
                 if include_usage:
                     yield {"data": json.dumps({**chunk(0, None, None), "choices": [], "usage": usage(prompts, choices)})}
                 yield {"data": "[DONE]"}
@@ -387,6 +416,8 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
         finished("completions", rid, started, prompts, choices)
         if not complete:
             return Response(status_code=499)  # the client is gone; nobody reads this
+        if failed_in_flight(choices):
+            raise engine_failed(500)
         return {**head, "choices": [
             {"index": i, "text": echo[i] + c.text, "finish_reason": c.finish_reason, "logprobs": None}
             for i, c in enumerate(choices)
@@ -421,6 +452,8 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
         finished("chat", rid, started, prompts, choices)
         if not complete:
             return Response(status_code=499)  # the client is gone; nobody reads this
+        if failed_in_flight(choices):
+            raise engine_failed(500)
         return {**head, "object": "chat.completion", "choices": [
             {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
              "logprobs": None}
