@@ -108,6 +108,19 @@ def test_warm_up_compiles_every_graph_a_run_needs(model) -> None:
     assert watch.recompiles == 0
 
 
+def test_every_engine_in_a_process_gets_its_own_graphs(model) -> None:
+    """Engines share `Runner.step`'s code, whose graphs dynamo caps at 8: without a raise the third fails (fullgraph).
+
+    The later engines need 4 graphs, not 6: dynamo already marked rows and span dynamic for this code.
+    """
+    watches = []
+    for _ in range(3):
+        engine = Engine(model, max_batch=3, compile=True, compile_backend="aot_eager")
+        assert engine.warm_up()
+        watches.append(engine.compile_watch)
+    assert [w.graphs for w in watches] == [6, 4, 4] and not any(w.recompiles for w in watches)
+
+
 def test_warm_up_shapes_cover_one_slot_and_short_contexts(model) -> None:
     assert Engine(model, max_batch=1).warm_up_shapes() == [(1, 64), (1, 128), (1, 256)]
     engine = Engine(model, max_batch=8)

@@ -68,6 +68,7 @@ def default_max_batch(device: torch.device) -> int:
 
 
 RECOMPILE_LIMIT = 2  # graphs compiled after warm-up; later ones run their traced graph eagerly
+GRAPHS_PER_ENGINE = 8 + RECOMPILE_LIMIT  # warm-up's graphs (about six) with room, and the recompiles
 
 
 class CompileWatch:
@@ -116,6 +117,10 @@ def compiled_step(runner: Runner, watch: CompileWatch) -> Callable[[KVCache, tor
     automatic dynamic shapes); one row and a span of the whole cache are specialised apart,
     so a run needs about six graphs, which `Engine.warm_up` compiles before any request.
     """
+    # Dynamo keeps at most `recompile_limit` graphs per code object, and every engine's step is
+    # `Runner.step`'s code: each compiled engine adds its own graphs to the limit, so a second
+    # engine in the process (calm bench's subjects) is compiled too, not left eager.
+    torch._dynamo.config.recompile_limit += GRAPHS_PER_ENGINE
     return torch.compile(runner.step, fullgraph=True, dynamic=None, backend=watch)
 
 
