@@ -310,6 +310,10 @@ def hub_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[H
         "org/tiny-bin": fixture_files("calm-bin"),
         "cccczshao/CALM-Autoencoder": fixture_files("autoencoder"),
         "cccczshao/CALM-T": without_autoencoder(tmp_path),
+        "org/with-ae": {
+            **{n: d.replace(b"/mnt/train/checkpoints/autoencoder", b"./autoencoder") for n, d in without_autoencoder(tmp_path).items()},
+            **{f"autoencoder/{n}": d for n, d in fixture_files("autoencoder").items()},
+        },
     }
     repos["org/tiny"]["README.md"] = b"# tiny\n"
     repos["org/tiny"]["pytorch_model.bin"] = (FIXTURES / "calm-bin" / "pytorch_model.bin").read_bytes()
@@ -392,6 +396,16 @@ def test_pull_fetches_the_autoencoder_that_ae_path_points_to_and_download_runs_i
     assert result.stdout == reference.stdout
     ae = snapshot_of(cache, "cccczshao/CALM-Autoencoder")
     assert sorted(p.name for p in ae.iterdir()) == sorted(AE_FILES)
+
+
+def test_pull_fetches_an_autoencoder_folder_of_the_same_repo(hub_env) -> None:
+    server, env, cache = hub_env
+    result = run_calm("pull", "org/with-ae", env=env)
+    assert result.returncode == 0, result.stderr
+    snapshot = snapshot_of(cache, "org/with-ae")
+    assert sorted(p.name for p in (snapshot / "autoencoder").iterdir()) == sorted(p.name for p in (FIXTURES / "autoencoder").iterdir())
+    assert not any("CALM-Autoencoder" in p for _, p, _ in server.log)
+    assert_same_weights(load_model(snapshot), load_model(FIXTURES / "calm"))
 
 
 def test_pull_takes_the_bin_weights_when_there_is_no_safetensors(hub_env, tmp_path: Path) -> None:

@@ -171,13 +171,23 @@ def pull(hub: HubId, ae: Optional[str] = None) -> Path:
         snapshot = Path(snapshot_download(hub.repo, revision=revision, allow_patterns=files))
         config = _read_config(snapshot)
         if _needs_autoencoder(config, snapshot):
-            ae_path = config.get("ae_path")
-            folder = str(ae_path).strip("/") if isinstance(ae_path, str) else ""
-            if ae is None and folder and f"{folder}/config.json" in listing and ".." not in folder.split("/"):
+            ae_path = config["ae_path"] if isinstance(config.get("ae_path"), str) else None
+            folder = _folder_in_repo(ae_path, listing)
+            if ae is None and folder:
                 snapshot_download(hub.repo, revision=revision, allow_patterns=model_files(listing, folder)[0])
             else:
-                _pull_autoencoder(hub, ae, ae_path if isinstance(ae_path, str) else None)
+                _pull_autoencoder(hub, ae, ae_path)
     return snapshot
+
+
+def _folder_in_repo(ae_path: Optional[str], listing: set[str]) -> str:
+    """`ae_path` as a folder of the same repo holding a model (the loader resolves it against the snapshot), else ''."""
+    if not ae_path:
+        return ""
+    pure = PurePosixPath(ae_path)
+    folder = pure.as_posix()
+    inside = not pure.is_absolute() and ".." not in pure.parts and not ae_path.startswith("~")
+    return folder if inside and f"{folder}/config.json" in listing else ""
 
 
 def _pull_autoencoder(hub: HubId, ae: Optional[str], ae_path: Optional[str]) -> None:
