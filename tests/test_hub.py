@@ -25,6 +25,7 @@ import torch
 from helpers import run_calm
 from safetensors.torch import load_file, save_file
 
+import calm_cli
 from calm_cli.errors import CalmError, UsageError
 from calm_cli.io import hub as hubmod
 from calm_cli.io.checkpoint import load_model
@@ -92,6 +93,7 @@ def test_revision_resolves_through_refs_and_commits(cache: Path) -> None:
     assert resolve_model("org/tiny@v1") == tagged_dir
     assert resolve_model(f"org/tiny@{tagged}") == tagged_dir
     assert load_model("org/tiny@v1").config.num_samples == 4
+    assert calm_cli.load("org/tiny").config.num_samples == 8  # the public API takes hub ids too
     with pytest.raises(UsageError, match=r"org/tiny@v2: not in the Hugging Face cache .*calm pull org/tiny@v2"):
         resolve_model("org/tiny@v2")
 

@@ -109,10 +109,12 @@ def autoencoder_repo(repo: str, ae_path: Optional[str]) -> Optional[HubId]:
 def hub_model(hub: HubId, download: bool = False, source: str = "") -> Path:
     """The cached snapshot of `hub`; downloaded first only when `download` (the command line's --download)."""
     found = cached_model(hub)
+    if found is None and download:
+        found = pull(hub)
     if found is not None:
+        if not (found / "config.json").is_file():
+            raise UsageError(f"{source}{hub}: no config.json (not a model calm can run)")
         return found
-    if download:
-        return pull(hub)
     raise UsageError(f"{source}{hub}: not in the Hugging Face cache (or only in part); run 'calm pull {hub}', or add --download")
 
 
