@@ -29,7 +29,7 @@ import calm_cli
 from calm_cli.errors import CalmError, UsageError
 from calm_cli.io import hub as hubmod
 from calm_cli.io.checkpoint import load_model
-from calm_cli.io.registry import list_models, resolve_model
+from calm_cli.io.registry import list_models, model_label, resolve_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official-tiny"
 AE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -94,6 +94,7 @@ def test_revision_resolves_through_refs_and_commits(cache: Path) -> None:
     assert resolve_model(f"org/tiny@{tagged}") == tagged_dir
     assert load_model("org/tiny@v1").config.num_samples == 4
     assert calm_cli.load("org/tiny").config.num_samples == 8  # the public API takes hub ids too
+    assert model_label(main_dir) == "org/tiny" and model_label(FIXTURES / "calm") == "calm"  # what `calm serve` calls it
     with pytest.raises(UsageError, match=r"org/tiny@v2: not in the Hugging Face cache .*calm pull org/tiny@v2"):
         resolve_model("org/tiny@v2")
 

@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 
 from ..errors import UsageError
 from .atomic import current_file
-from .hub import hub_model, list_cached, parse_hub_id
+from .hub import hub_model, list_cached, parse_hub_id, repo_of
 
 BUNDLED = ("default", "baseline")
 ENV_MODEL = "CALM_MODEL"
@@ -100,6 +100,11 @@ def resolve_model(spec: ModelSpec = None, download: bool = False) -> Path:
     if not current_file(directory, "config.json").is_file():
         raise UsageError(f"{source}{text}: no config.json (not a model directory)")
     return directory
+
+
+def model_label(directory: Path) -> str:
+    """What to call a model folder: org/name for a Hugging Face cache snapshot (its folder is a commit hash), else the folder's name."""
+    return repo_of(directory) or directory.resolve().name
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
