@@ -19,11 +19,11 @@ from ..runtime.threads import LoadWindow, ThreadChoice, requested_threads
 if TYPE_CHECKING:
     from rich.console import Console
 
-STATE = {"debug": False}
+STATE = {"debug": False, "download": False}  # --debug and --download, taken anywhere on the command line (main.py)
 
 ModelOpt = typer.Option(
     None, "--model", "-m", metavar="NAME|DIR",
-    help="Model name (see 'calm models') or directory. Default: $CALM_MODEL, else 'default'.",
+    help="Model name (see 'calm models'), directory or Hugging Face id (org/name[@rev], after 'calm pull'). Default: $CALM_MODEL, else 'default'.",
 )
 TempOpt = typer.Option(0.5, "--temp", "-t", help="Temperature in [0, 1]; 0.5 (the authors' advice) reads fluently, 1 draws once per step.")
 SamplesOpt = typer.Option(200, "--samples", max=SAMPLES_LIMIT, help="Candidate chunks drawn per step by the approx sampler (N).")
@@ -86,10 +86,10 @@ def set_threads(threads: Optional[int]) -> ThreadChoice:
 
 
 def model_path(model: Optional[str]) -> Path:
-    """--model as a directory: a name, a path, or (when not given) $CALM_MODEL, else `default`."""
+    """--model as a directory: a name, a path, a hub id (fetched only with --download), or (when not given) $CALM_MODEL, else `default`."""
     from ..io.registry import resolve_model
 
-    return resolve_model(model)
+    return resolve_model(model, download=STATE["download"])
 
 
 def load_for_cli(model: Optional[str], device: str, dtype: str, ae: Optional[Path] = None, tokenizer: Optional[Path] = None):

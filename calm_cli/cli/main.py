@@ -22,6 +22,7 @@ from .data import data_app, tokenizer_app
 from .eval import eval_
 from .generate import generate
 from .model import convert, decode, encode, info, models
+from .pull import pull
 from .serve import serve
 from .train import train_app
 from .typer_setup import EPILOGS, new_typer
@@ -36,6 +37,7 @@ app = new_typer(
   calm models                      list the models you can name with -m
   calm generate "The history of"   continue a prompt with the bundled model
   calm chat -m default             talk to it
+  calm pull cccczshao/CALM-M       fetch the authors' CALM-M from the hub
   calm COMMAND --help              options and examples of one command""",
 )
 
@@ -49,12 +51,16 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors (also accepted after the command)."),
+    download: bool = typer.Option(
+        False, "--download", help="Let a command download a Hugging Face model (-m org/name) it does not have (also accepted after the command)."
+    ),
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     STATE["debug"] = STATE["debug"] or debug
+    STATE["download"] = STATE["download"] or download
 
 
-for command in (generate, chat, serve, models, info, encode, decode, convert, bench):
+for command in (generate, chat, serve, models, pull, info, encode, decode, convert, bench):
     app.command(epilog=EPILOGS.get(command))(command)
 app.command("eval", epilog=EPILOGS.get(eval_))(eval_)
 app.add_typer(data_app, name="data")
@@ -63,12 +69,12 @@ app.add_typer(tokenizer_app, name="tokenizer")
 
 
 def _take_debug(args: list[str]) -> list[str]:
-    """--debug anywhere before a bare `--` turns on tracebacks, so `calm generate --debug …` works as `calm --debug generate …`."""
+    """--debug and --download anywhere before a bare `--` apply to the whole run, so `calm generate --debug …` works as `calm --debug generate …`."""
     end = args.index("--") if "--" in args else len(args)
-    if "--debug" in args[:end]:
-        STATE["debug"] = True
-        return [a for a in args[:end] if a != "--debug"] + args[end:]
-    return args
+    for flag in ("--debug", "--download"):
+        if flag in args[:end]:
+            STATE[flag.removeprefix("--")] = True
+    return [a for a in args[:end] if a not in ("--debug", "--download")] + args[end:]
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ def serve(
     api_key: Optional[str] = typer.Option(
         None, "--api-key", envvar="CALM_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (or set CALM_API_KEY).",
     ),
-    name: Optional[str] = typer.Option(None, "--name", help="Model id clients send as 'model' (default: the model folder's name)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model id clients send as 'model' (default: the model folder's name; org/name for a hub model)."),
     temp: float = TempOpt,
     samples: int = SamplesOpt,
     sampler: str = SamplerOpt,
@@ -94,6 +94,7 @@ def serve(
     loaded = load_for_cli(str(path), device, dtype)
     import uvicorn  # the server's packages and torch load only once the arguments are good
 
+    from ..io.registry import model_label
     from ..runtime.engine import Engine
     from ..serve.app import ServeConfig, create_app
     from ..serve.worker import EngineWorker
@@ -106,7 +107,7 @@ def serve(
     )
     worker = EngineWorker(engine)
     config = ServeConfig(
-        model_name=name or path.resolve().name, defaults=defaults, max_queue=max_queue, api_key=api_key,
+        model_name=name or model_label(path), defaults=defaults, max_queue=max_queue, api_key=api_key,
         template=template or DEFAULT_TEMPLATE, threads=threads_used,
     )
     app = create_app(worker, loaded.tokenizer, config)

@@ -2,8 +2,9 @@
 
 The authors' files need a few rules (see tests/test_checkpoint.py for one test each):
 - a CALM file carries the whole autoencoder as `ae_model.*`; without it the autoencoder
-  comes from `ae_path` (resolved against the model directory, not the working directory)
-  or from an explicit `ae=` path;
+  comes from `ae_path` (resolved against the model directory, not the working directory;
+  for a model from the hub, see io/hub.py `autoencoder_repo`) or from an explicit `ae=`
+  path or hub id;
 - an autoencoder-only file drops `decoder.lm_head_weight` (tied): we re-tie it;
 - `generative_head.*` duplicates `mlp_generator.*`: either or both may be present;
 - `.bin` files are read with `torch.load(weights_only=True)` only.
@@ -39,6 +40,7 @@ from ..models.config import (
     read_json,
 )
 from .atomic import current_file, replace_files
+from .hub import cached_autoencoder, cached_model, parse_hub_id
 from .registry import ModelSpec, resolve_model
 from .tokenizer import load_tokenizer
 from .tokenizer import vocab_size as tokenizer_vocab_size
@@ -203,7 +205,9 @@ def load_model(
     tensors, fmt = read_state_dict(directory)
     ae_tensors = _strip("ae_model.", tensors)
     ae_base: dict[str, Any] = dict(raw.get("ae_config") or {})
-    ae_dir = Path(ae).expanduser() if ae else (_resolve(config.ae_path, directory) if config.ae_path else None)
+    ae_dir = _autoencoder_dir(ae) if ae else (_resolve(config.ae_path, directory) if config.ae_path else None)
+    if not ae and not ae_tensors and ae_dir is not None and not current_file(ae_dir, "config.json").exists():
+        ae_dir = cached_autoencoder(directory, config.ae_path) or ae_dir
     if ae_dir is not None and (ae or not ae_tensors):
         if not current_file(ae_dir, "config.json").exists():
             raise CalmError(f"autoencoder directory {ae_dir} not found (set --ae PATH)")
@@ -227,6 +231,18 @@ def load_model(
     model.tokenizer = _find_tokenizer(directory, tokenizer, config.vocab_size, ae_dir)
     model.source_format = fmt
     return _place(model, device, dtype)
+
+
+def _autoencoder_dir(ae: str) -> Path:
+    """--ae as a directory: a path, or a hub id (org/name) in the Hugging Face cache when no such path exists."""
+    path = Path(ae).expanduser()
+    hub = parse_hub_id(str(ae)) if not path.exists() else None
+    if hub is None:
+        return path
+    found = cached_model(hub)
+    if found is None:
+        raise UsageError(f"autoencoder {hub}: not in the Hugging Face cache; run 'calm pull {hub}'")
+    return found
 
 
 def read_config(directory: Path) -> dict[str, Any]:
@@ -439,9 +455,13 @@ def load(
     dtype: torch.dtype | None = None,
     ae: str | None = None,
     tokenizer: str | None = None,
+    download: bool = False,
 ) -> CALM | TokenTransformer:
-    """Whatever the directory holds, CALM or token-level baseline, by name or path (default: $CALM_MODEL, else `default`)."""
-    path = resolve_model(model)
+    """Whatever the directory holds, CALM or token-level baseline, by name, path or hub id (default: $CALM_MODEL, else `default`).
+
+    A hub id not yet in the Hugging Face cache is downloaded only with `download=True`.
+    """
+    path = resolve_model(model, download=download)
     if is_baseline_dir(path):
         if ae:
             raise UsageError("--ae applies to CALM models; this is a token-level baseline")

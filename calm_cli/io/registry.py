@@ -1,9 +1,11 @@
-"""Models by name: the bundled `default` and `baseline`, and the subfolders of the user's models directory.
+"""Models by name: the bundled `default` and `baseline`, the subfolders of the user's models directory, and hub ids.
 
-Everything that takes a model (`--model`, $CALM_MODEL, `calm_cli.load`) takes a name or a
-directory. A name is looked up here; anything that looks like a path (has a slash, starts
-with `.` or `~`, or names an existing directory) stays a path. This module reads only
-config.json and file sizes, so `calm models` and name resolution do not import torch.
+Everything that takes a model (`--model`, $CALM_MODEL, `calm_cli.load`) takes a name, a
+directory or a Hugging Face id. A name is looked up here; anything that looks like a path (has
+a slash, starts with `.` or `~`, or names an existing directory) stays a path, unless no such
+path exists and it reads as `org/name[@revision]`: then it is a hub model (io/hub.py), so a
+local name or folder always wins over a hub id. This module reads only config.json and file
+sizes, so `calm models` and name resolution do not import torch.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Optional, Union
 
 from ..errors import UsageError
 from .atomic import current_file
+from .hub import hub_model, list_cached, parse_hub_id, repo_of
 
 BUNDLED = ("default", "baseline")
 ENV_MODEL = "CALM_MODEL"
@@ -68,11 +71,13 @@ def _looks_like_path(spec: str) -> bool:
     return os.sep in spec or "/" in spec or spec.startswith((".", "~")) or Path(spec).is_dir()
 
 
-def resolve_model(spec: ModelSpec = None) -> Path:
-    """The model directory for a name or path; None means $CALM_MODEL, else `default`.
+def resolve_model(spec: ModelSpec = None, download: bool = False) -> Path:
+    """The model directory for a name, path or hub id; None means $CALM_MODEL, else `default`.
 
-    Raises UsageError (exit 2) for an unknown name, a missing directory or one without
-    config.json; an error about $CALM_MODEL names the variable.
+    A hub id resolves to its snapshot in the Hugging Face cache; it is downloaded only when
+    `download` is true. Raises UsageError (exit 2) for an unknown name, a missing directory,
+    one without config.json or a hub id that is not in the cache; an error about $CALM_MODEL
+    names the variable.
     """
     source = ""
     if spec is None or str(spec) == "":
@@ -86,6 +91,8 @@ def resolve_model(spec: ModelSpec = None) -> Path:
         names = ", ".join(models) or "none"
         raise UsageError(f"{source}{text}: no such model name or directory (known names: {names}; see 'calm models')")
     directory = Path(text).expanduser()
+    if not directory.exists() and isinstance(spec, str) and (hub := parse_hub_id(text)) is not None:
+        return hub_model(hub, download=download, source=source)
     if not directory.exists():
         raise UsageError(f"{source}{text}: no such model directory")
     if not directory.is_dir():
@@ -93,6 +100,11 @@ def resolve_model(spec: ModelSpec = None) -> Path:
     if not current_file(directory, "config.json").is_file():
         raise UsageError(f"{source}{text}: no config.json (not a model directory)")
     return directory
+
+
+def model_label(directory: Path) -> str:
+    """What to call a model folder: org/name for a Hugging Face cache snapshot (its folder is a commit hash), else the folder's name."""
+    return repo_of(directory) or directory.resolve().name
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
@@ -118,6 +130,12 @@ def describe_entry(name: str, directory: Path) -> ModelEntry:
 
 
 def list_models() -> list[ModelEntry]:
-    """Every model `--model NAME` finds, bundled ones first."""
-    return [describe_entry(name, path) for name, path in known_models().items()]
+    """Every model `--model` finds by name: bundled ones first, your own, then the CALM models in the Hugging Face cache."""
+    entries = [describe_entry(name, path) for name, path in known_models().items()]
+    return entries + [describe_entry(name, path) for name, path in list_cached() if _is_calm_family(_read_config(path))]
+
+
+def _is_calm_family(config: dict[str, Any]) -> bool:
+    """A config calm can load (CALM, its autoencoder, or our token baseline), not any other model in the cache."""
+    return "patch_size" in config or bool({"EnergyTransformer", "Autoencoder", "TokenTransformer"} & set(config.get("architectures") or []))
 
