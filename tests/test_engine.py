@@ -17,7 +17,7 @@ from calm_cli.errors import UsageError
 from calm_cli.models.baseline import TokenTransformer
 from calm_cli.models.calm import CALM
 from calm_cli.models.config import AutoencoderConfig, CALMConfig
-from calm_cli.runtime import runners
+from calm_cli.runtime import budget, runners
 from calm_cli.runtime.engine import Engine
 from calm_cli.runtime.rng import GOLDEN, RowRandom, mix64
 from calm_cli.runtime.settings import GenerationSettings
@@ -230,7 +230,7 @@ def test_leftover_scoring_memory_does_not_grow_with_the_vocabulary(monkeypatch) 
     """The prefix log-probabilities are scored in slices: the old path held pool x K x V float32 logits per row."""
     model = _calm(4, eos=None, vocab=2000)
     runner = runners.CALMRunner(model, "dense", "float32")  # compared with the float32 decoder below
-    monkeypatch.setattr(runners, "SCORE_ELEMENTS", 1024)
+    monkeypatch.setitem(budget.LOGIT_BUDGET, "cpu", 1024)
     rows, pool = 6, 64
     latents = torch.randn(rows, pool, 8)
     prefix = torch.tensor([[5, 6, 7, -1]] * rows)

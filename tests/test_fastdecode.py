@@ -103,7 +103,9 @@ def test_constructed_near_ties_match_dense(partner_offset: int) -> None:
     assert bool((bf16_order != want).any())  # plain bf16 gets some of these wrong
     stats = fast.stats
     proven = stats.rows - stats.rescored - stats.dense
-    assert proven > 0 and stats.rescored > 0 and stats.dense > 0  # exact duplicates (factor 0) need dense rows
+    assert proven > 0 and stats.dense > 0  # exact duplicates (factor 0) need dense rows
+    # Partners in other tiles are settled by float32 scores of the two winners; a tile holding both is crowded: dense.
+    assert bool(stats.rescored > 0) == (partner_offset != 1)
 
 
 PRECISION_SETTINGS = {
