@@ -37,7 +37,7 @@ DTYPES = {"auto": None, "float32": torch.float32, "bf16": torch.bfloat16}
 
 
 def has_fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run at a native rate here: CUDA with bf16, or a CPU with AVX512-BF16 / AMX."""
+    """Whether bf16 matmuls run at a native rate here: CUDA with native bf16 (emulated is slower), or a CPU with AVX512-BF16 / AMX."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
