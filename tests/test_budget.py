@@ -21,9 +21,9 @@ def test_the_budget_module_prices_without_torch() -> None:
 
 
 def test_budgets_per_device() -> None:
-    assert logit_budget("cpu") == 1 << 22 and logit_budget("cuda") == 1 << 26
+    assert logit_budget("cpu") == 1 << 25 and logit_budget("cuda") == 1 << 26
     assert logit_budget("mps") == logit_budget("cpu")  # any other device gets the CPU's
-    assert rows_per_slice(128256, "cuda") == 523 and rows_per_slice(128256, "cpu") == 32
+    assert rows_per_slice(128256, "cuda") == 523 and rows_per_slice(128256, "cpu") == 261
     assert rows_per_slice(1 << 30, "cpu") == 1  # a row larger than the budget still gets decoded, alone
     assert logit_elements(64, 200, 4, 128256) == 64 * 200 * 4 * 128256
 

@@ -118,8 +118,8 @@ FLOAT32_UNIT = 2.0**-24
 SAFETY = 1.0 + 1e-6
 MIN_KEY = -(2**15)
 TILE = {"cuda": 8192}  # vocabulary columns per tile; other devices use DEFAULT_TILE (cache-sized)
-# On CUDA a smaller tile costs no launches (rows per slice grow as the tile shrinks, budget.py) and makes crowded
-# tiles, which cost a dense float32 row, rarer.
+# On CUDA the screen's launches per call are set by the budget once a call fills its slices (rows per slice grow
+# as the tile shrinks, budget.py), and a smaller tile makes crowded tiles, each costing a dense float32 row, rarer.
 DEFAULT_TILE = 2048
 FALLBACK_FRACTION = 0.4
 RETRY_AFTER = 32
