@@ -6,8 +6,9 @@ the samplers decode hundreds of candidates per step, so this product dominates t
 it is computed in bf16 (half the bytes of W, on the CPU's AMX / AVX512-BF16 units or the GPU's
 tensor cores) together with a bound on how far each bf16 score can be from the float32 score
 the dense path computes.  A row whose bf16 winner beats its bf16 runner-up by more than the
-bounds allow has that winner as its float32 argmax; for the other rows only the few columns
-the bounds cannot rule out are scored in float32.
+bounds allow has that winner as its float32 argmax; for the other rows the few columns the
+bounds cannot rule out are scored in float32, and a row that still cannot be settled is
+decoded as a dense float32 row.
 
 The bound
 ---------
