@@ -54,7 +54,8 @@ def measure(args: argparse.Namespace) -> dict:
     from calm_cli.runtime.settings import GenerationSettings
 
     torch.set_num_threads(args.threads)
-    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype, resolve_device(args.device))
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     config, ae_config = preset_configs(PRESETS[args.preset], 4)
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -107,8 +108,7 @@ def main() -> None:
         print(json.dumps(measure(args)), flush=True)
         return
     for mode in args.modes.split(","):
-        child = [a for a in sys.argv[1:]] + ["--mode", mode]
-        done = subprocess.run([sys.executable, __file__, *child], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--mode", mode], capture_output=True, text=True)
         if done.returncode:
             print(json.dumps({"mode": mode, "error": done.stderr.strip().splitlines()[-1:]}), flush=True)
         else:
