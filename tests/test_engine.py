@@ -10,16 +10,17 @@ import random
 
 import pytest
 import torch
-from helpers import decode_all
+from helpers import HostReads, LogitProbe, decode_all
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from calm_cli.errors import UsageError
 from calm_cli.models.baseline import TokenTransformer
 from calm_cli.models.calm import CALM
 from calm_cli.models.config import AutoencoderConfig, CALMConfig
-from calm_cli.runtime import runners
+from calm_cli.runtime import budget, fastdecode, runners
 from calm_cli.runtime.engine import Engine
 from calm_cli.runtime.rng import GOLDEN, RowRandom, mix64
+from calm_cli.runtime.sampling import SamplingStats
 from calm_cli.runtime.settings import GenerationSettings
 
 MASK = (1 << 64) - 1
@@ -230,7 +231,7 @@ def test_leftover_scoring_memory_does_not_grow_with_the_vocabulary(monkeypatch) 
     """The prefix log-probabilities are scored in slices: the old path held pool x K x V float32 logits per row."""
     model = _calm(4, eos=None, vocab=2000)
     runner = runners.CALMRunner(model, "dense", "float32")  # compared with the float32 decoder below
-    monkeypatch.setattr(runners, "SCORE_ELEMENTS", 1024)
+    monkeypatch.setitem(budget.LOGIT_BUDGET, "cpu", 1024)
     rows, pool = 6, 64
     latents = torch.randn(rows, pool, 8)
     prefix = torch.tensor([[5, 6, 7, -1]] * rows)
@@ -243,6 +244,60 @@ def test_leftover_scoring_memory_does_not_grow_with_the_vocabulary(monkeypatch) 
         logp = torch.log_softmax(model.ae_model.decoder(latents.unsqueeze(-2)).float(), -1)  # [rows, pool, K, V]
     expected = logp[..., 0, 5] + logp[..., 1, 6] + logp[..., 2, 7]
     assert torch.allclose(scores, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("decoder", ["dense", "fast"])
+@pytest.mark.parametrize("sampler", ["approx", "exact"])
+def test_a_tiny_budget_gives_the_same_tokens_after_leftovers(monkeypatch, sampler: str, decoder: str) -> None:
+    """Pools, the exact sampler's conditioned draws and the leftover scores in slices of 8 states: the same tokens."""
+    monkeypatch.setattr(fastdecode, "MIN_WORK", 0)  # the fast decoder certifies even at this size
+    model = _calm(4, eos=None, vocab=2000)
+    prompts = [[9, 10, 11, 12, 13], [9, 10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 40, 41, 42], [5, 5, 5, 5, 95]]
+    settings = GenerationSettings(max_tokens=8, temperature=0.5, sampler=sampler, num_samples=16, seed=3)
+
+    def run() -> tuple[list[list[int]], Engine]:
+        engine = Engine(model, max_batch=4, candidate_decoder=decoder, candidate_dtype="float32")
+        return decode_all(engine, prompts, settings), engine
+
+    whole, engine = run()
+    assert engine.sampling.fallbacks > 0  # some leftovers matched no candidate: their scores were used
+    monkeypatch.setitem(budget.LOGIT_BUDGET, "cpu", 8 * 2000)
+    with LogitProbe(2000) as probe:
+        sliced, _ = run()
+    assert sliced == whole
+    assert probe.largest <= 8 * 2000 and probe.made > 4 * 16 * 4 // 8  # a step's pool alone takes 32 slices
+
+
+@pytest.mark.parametrize(("decoder", "reads"), [("dense", []), ("fast", ["aten.nonzero.default"])])
+def test_a_pool_step_reads_back_nothing_but_the_rows_needing_a_dense_row(monkeypatch, decoder: str, reads: list[str]) -> None:
+    """A T < 1 step of the approximation stays on the device; the certificate asks once which rows it left open."""
+    monkeypatch.setattr(fastdecode, "MIN_WORK", 0)
+    runner = runners.CALMRunner(_calm(4, vocab=2000), decoder, "float32")
+    hidden, rng = torch.randn(3, 32), RowRandom.from_seeds([1, 2, 3])
+    settings = GenerationSettings(temperature=0.5, num_samples=64)
+    with torch.inference_mode():
+        runner.sample(hidden, rng, settings, SamplingStats())  # the first call prepares W and probes the backend
+        with HostReads() as probe:
+            chunks = runner.sample(hidden, rng, settings, SamplingStats())
+    assert chunks.shape == (3, 4) and probe.reads == reads
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("dtype", "decoder"), [(torch.bfloat16, "fast"), (torch.float32, "dense")])
+def test_cuda_pool_step_does_not_synchronise(dtype: torch.dtype, decoder: str) -> None:
+    """The CUDA check of the test above: no host sync in a T < 1 step before its tokens are handed out."""
+    runner = runners.CALMRunner(_calm(4, vocab=2000).to("cuda", dtype), decoder, "auto")
+    hidden, rng = torch.randn(3, 32, device="cuda", dtype=dtype), RowRandom.from_seeds([1, 2, 3], device="cuda")
+    settings = GenerationSettings(temperature=0.5, num_samples=64)
+    with torch.inference_mode():
+        runner.sample(hidden, rng, settings, SamplingStats())
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            chunks = runner.sample(hidden, rng, settings, SamplingStats())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert chunks.shape == (3, 4)  # the hand-out (.tolist()) comes after the check
 
 
 def test_the_decode_step_compiles_as_one_graph() -> None:

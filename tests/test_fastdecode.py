@@ -7,17 +7,18 @@ so the certificate, the candidate rescoring and the dense fallback all get used 
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import decode_all, run_calm
+from helpers import HostReads, LogitProbe, decode_all, run_calm
 
 from calm_cli.errors import UsageError
 from calm_cli.models.autoencoder import Autoencoder
 from calm_cli.models.config import AutoencoderConfig
-from calm_cli.runtime import fastdecode
+from calm_cli.runtime import budget, fastdecode
 from calm_cli.runtime.engine import Engine
 from calm_cli.runtime.fastdecode import (
     BF16_UNIT,
@@ -103,7 +104,42 @@ def test_constructed_near_ties_match_dense(partner_offset: int) -> None:
     assert bool((bf16_order != want).any())  # plain bf16 gets some of these wrong
     stats = fast.stats
     proven = stats.rows - stats.rescored - stats.dense
-    assert proven > 0 and stats.rescored > 0 and stats.dense > 0  # exact duplicates (factor 0) need dense rows
+    assert proven > 0 and stats.dense > 0  # exact duplicates (factor 0) need dense rows
+    # Partners in other tiles are settled by float32 scores of the two winners; a tile holding both is crowded: dense.
+    assert bool(stats.rescored > 0) == (partner_offset != 1)
+
+
+def test_a_tiny_budget_slices_the_screen_and_the_dense_rows(monkeypatch) -> None:
+    """Slices of 8 rows for the bf16 screen and 4 for dense rows give the tokens of one whole-call decode."""
+    factors = [0.0] * 4 + torch.linspace(-0.1, 0.1, 41).tolist() + [-3.0, 3.0]
+    hidden, weight = _near_ties(factors * 3, DEFAULT_TILE + 1, seed=3)
+    hidden[::7] = -hidden[::7]  # some rows with no positive score: dense rows spread over the call
+    ae = _random_ae(vocab=weight.shape[0], hidden=weight.shape[1])
+    whole = FastCandidateDecoder(ae)
+    want = whole.argmax(hidden, weight)
+    monkeypatch.setitem(budget.LOGIT_BUDGET, "cpu", 8 * DEFAULT_TILE)
+    sliced = FastCandidateDecoder(ae)
+    with LogitProbe(DEFAULT_TILE) as screen, LogitProbe(weight.shape[0]) as dense:
+        got = sliced.argmax(hidden, weight)
+    assert torch.equal(got, want) and torch.equal(got, F.linear(hidden, weight).argmax(-1))
+    assert screen.largest == 8 * DEFAULT_TILE and screen.made >= 2 * (len(hidden) // 8)  # two tiles per slice
+    assert dense.largest == 4 * weight.shape[0] and dense.made == -(-sliced.stats.dense // 4) > 1
+    assert (sliced.stats.rows, int(sliced.stats.rescored), sliced.stats.dense) == (whole.stats.rows, int(whole.stats.rescored), whole.stats.dense)
+
+
+def test_a_certified_call_reads_back_once_and_counts_on_the_device() -> None:
+    """The one host read of a call is which rows need a dense row; the counters stay tensors until reported."""
+    hidden, weight = _near_ties([0.0, 0.05, 3.0, 10.0] * 8, DEFAULT_TILE + 1, seed=4)
+    fast = FastCandidateDecoder(_random_ae(vocab=weight.shape[0], hidden=weight.shape[1]))
+    fast.argmax(hidden, weight)  # prepares W (read back once per output matrix)
+    with HostReads() as probe:
+        fast.argmax(hidden, weight)
+    assert probe.reads == ["aten.nonzero.default"]
+    assert isinstance(fast.stats.rescored, torch.Tensor) and int(fast.stats.rescored) > 0
+    low = FastCandidateDecoder(_random_ae().to(torch.bfloat16))
+    with torch.inference_mode(), HostReads() as probe:
+        low(torch.randn(64, 32, dtype=torch.bfloat16))  # a bf16 model decodes densely: nothing read back
+    assert probe.reads == [] and low.stats.dense == 256
 
 
 PRECISION_SETTINGS = {
@@ -272,3 +308,35 @@ def test_bench_reports_both_decoders_and_decodes_per_step() -> None:
     calm = {row["candidate_decoder"]: row for row in rows if row["kind"] == "calm"}
     assert set(calm) == {"dense", "fast"} and all(row["decodes_per_step"] == 16 for row in calm.values())
     assert [row["decodes_per_step"] for row in rows if row["kind"] == "baseline"] == [None]
+
+
+@pytest.mark.cuda
+def test_cuda_fast_equals_the_dense_float32_argmax() -> None:
+    """As test_random_latents_decode_like_dense and the near ties, on CUDA at a vocabulary of 32,768 (four tiles)."""
+    cuda = torch.device("cuda")
+    assert _accumulates_in_float32(cuda)  # cuBLAS with reduced-precision reduction off: the decoder certifies here
+    generator = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(4096, 512, generator=generator).to(cuda), (0.05 * torch.randn(32768, 512, generator=generator)).to(cuda)
+    ae = _random_ae(vocab=32768, hidden=512).to(cuda)
+    fast = FastCandidateDecoder(ae)
+    with fastdecode.ieee_float32(cuda):
+        want = F.linear(hidden, weight).argmax(-1)
+    assert torch.equal(fast.argmax(hidden, weight), want)
+    assert fast.stats.rows - int(fast.stats.rescored) - fast.stats.dense > 0  # the certificate, not dense rows, decided
+    near, partner = _near_ties(torch.linspace(-0.1, 0.1, 81).tolist(), DEFAULT_TILE + 1, seed=2)
+    with fastdecode.ieee_float32(cuda):
+        assert torch.equal(fast.argmax(near.to(cuda), partner.to(cuda)), F.linear(near.to(cuda), partner.to(cuda)).argmax(-1))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("sampler", "temperature"), [("approx", 0.5), ("exact", 0.7)])
+def test_cuda_engine_generates_the_same_with_either_decoder_in_float32(tiny_model, sampler: str, temperature: float) -> None:
+    """As test_engine_generates_the_same_with_either_decoder, on CUDA with the float32 model (the certified path)."""
+    model = copy.deepcopy(tiny_model).to("cuda", torch.float32)
+    prompts = [[0, 5, 9, 11, 20, 3, 7, 8], [0, 40, 41, 42, 43, 44, 45, 46], [0, 100, 101, 102]]
+    settings = GenerationSettings(max_tokens=24, temperature=temperature, sampler=sampler, num_samples=64, seed=4)
+    engines = {decoder: Engine(model, candidate_decoder=decoder, candidate_dtype="float32") for decoder in ("dense", "fast")}
+    outputs = {decoder: decode_all(engine, prompts, settings) for decoder, engine in engines.items()}
+    assert outputs["dense"] == outputs["fast"] and all(len(tokens) == 24 for tokens in outputs["fast"])
+    stats = engines["fast"].runner.pool.decode_chunks.stats
+    assert stats.rows - int(stats.rescored) - stats.dense > 0  # the bf16 screen did settle rows

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import scipy.stats
 import torch
+from helpers import HostReads
 from torch import Tensor
 
 from calm_cli.errors import UsageError
@@ -359,3 +360,15 @@ def test_a_temperature_below_one_over_max_beta_picks_as_zero_does() -> None:
     for temperature in (1e-20, 5e-324, 0.5 / MAX_BETA):
         chosen = temperature_sample(lambda n: pool[:, :n], temperature, num_samples=4)
         assert chosen.tolist() == [[2, 2]] * 5
+
+
+def test_the_exact_sampler_reads_back_once_per_round_and_the_approximation_never() -> None:
+    """Which rows are still pending is an exact round's one host read (it decides the next draw); a pool needs none."""
+    stats = SamplingStats()
+    with HostReads() as probe:
+        temperature_sample(FakeSampler(64, seed=9), 0.4, method="exact", block=4, generator=torch.Generator().manual_seed(1), stats=stats)
+    assert stats.fallbacks == 0 and stats.draw_calls > 2
+    assert probe.reads == ["aten.nonzero.default"] * stats.draw_calls
+    with HostReads() as probe:
+        temperature_sample(FakeSampler(64, seed=9), 0.4, generator=torch.Generator().manual_seed(1))
+    assert probe.reads == []

@@ -6,8 +6,9 @@ the samplers decode hundreds of candidates per step, so this product dominates t
 it is computed in bf16 (half the bytes of W, on the CPU's AMX / AVX512-BF16 units or the GPU's
 tensor cores) together with a bound on how far each bf16 score can be from the float32 score
 the dense path computes.  A row whose bf16 winner beats its bf16 runner-up by more than the
-bounds allow has that winner as its float32 argmax; for the other rows only the few columns
-the bounds cannot rule out are scored in float32.
+bounds allow has that winner as its float32 argmax; for the other rows the few columns the
+bounds cannot rule out are scored in float32, and a row that still cannot be settled is
+decoded as a dense float32 row.
 
 The bound
 ---------
@@ -56,18 +57,31 @@ Rows the certificate leaves open
 --------------------------------
 The same bounds say which columns can still be the dense argmax: those with
 max(b_v, 0) / (1 - u) + max_v E_v >= b1 / (1 + u) - E_v1, usually two or three.  Each tile of
-the vocabulary holding one of them contributes its bf16 winner (which is then that candidate);
-a tile holding two or more (its bf16 runner-up passes the test too) is scored whole in float32
-for those rows.  Our float32 scores and the dense path's are each within g32 |h| |w_v|
-+ tau of the exact ones, so a best candidate ahead of every other by more than twice that is
-the dense argmax.  Rows still open after that (float32 near-ties, exact duplicates, rows with
-no positive score) are decoded as a dense float32 row.
+the vocabulary holding one of them contributes its bf16 winner (which is then that candidate).
+For every row the winners of its ``CANDIDATE_TILES`` best tiles are scored in float32 (a fixed
+number of dot products per row, so no row has to be picked out on the host); non-candidates
+among them are masked out.  Our float32 scores and the dense path's are each within
+g32 |h| |w_v| + tau of the exact ones, so a best candidate ahead of every other by more than
+twice that is the dense argmax.  Rows this cannot settle are decoded as a dense float32 row:
+more candidate tiles than that, a tile holding two candidates (its bf16 runner-up passes the
+test too: "crowded"), float32 near-ties, exact duplicates, rows with no positive score.
 
 What "identical to dense" means: the dense path is only defined up to float32 rounding
 (oneDNN/MKL sum in a different order for a different number of rows, so the same latent can
 get different float32 scores in a pool of 8 and in one of 200).  Every row settled by the
 bounds equals every float32 evaluation; a row decoded densely equals a float32 evaluation of
 that row, and can differ from the pool's only where two scores are within float32 rounding.
+
+Memory and host synchronisation
+-------------------------------
+Rows are screened in slices of at most the device's logit budget over one tile
+(calm_cli/runtime/budget.py), and dense rows are decoded in slices of the budget over the
+whole vocabulary, so no call holds more logits than that whatever its size.  Everything up
+to the dense rows stays on the device: counters are device tensors (``FastDecodeStats``), the
+candidate rescoring has a fixed shape, and the only host synchronisation of a call is the
+one that asks which rows still need a dense row (their number decides the shape of that
+matmul).  Building a ``PreparedWeight`` and the accumulation probe also read values back, once
+per output matrix and once per device type.
 
 The scan
 --------
@@ -97,16 +111,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.autoencoder import Autoencoder
+from .budget import row_slices
 
 BF16_UNIT = 2.0**-8
 ACCUMULATION_UNIT = 2.0**-22
 FLOAT32_UNIT = 2.0**-24
 SAFETY = 1.0 + 1e-6
 MIN_KEY = -(2**15)
-TILE = {"cuda": 32768}  # vocabulary columns per tile; other devices use DEFAULT_TILE (cache-sized)
+TILE = {"cuda": 8192}  # vocabulary columns per tile; other devices use DEFAULT_TILE (cache-sized)
+# On CUDA the screen's launches per call are set by the budget once a call fills its slices (rows per slice grow
+# as the tile shrinks, budget.py), and a smaller tile makes crowded tiles, each costing a dense float32 row, rarer.
 DEFAULT_TILE = 2048
 FALLBACK_FRACTION = 0.4
 RETRY_AFTER = 32
+CANDIDATE_TILES = 4  # tile winners rescored in float32 per row: candidates are usually two or three
 MIN_WORK = 2**27  # multiply-adds (rows x V x H) below which dense is faster on a CPU core: fixed costs win
 
 
@@ -273,20 +291,18 @@ def _underflow(norms: RowNorms, prepared: PreparedWeight, size: int) -> Tensor:
 
 
 def decide(hidden: Tensor, weight: Tensor, prepared: PreparedWeight) -> Decision:
-    """Settle the argmax of every row of float32 ``hidden`` [M, H] that the bounds allow.
+    """Settle the argmax of every row of float32 ``hidden`` [M, H] that the bounds allow, without leaving the device.
 
     A row's candidates are the columns whose float32 score could still be the largest (upper
-    bound >= the winner's lower bound, module docstring).  One candidate: proven.  Several: the
-    float32 scores of each candidate tile's winner, or of the whole tile where a tile holds more
-    than one candidate, are computed, and the best is kept if it beats every other by more than
-    the float32 error of both evaluations.  Rows with a non-positive threshold or a float32
-    near-tie are left to a dense row.
+    bound >= the winner's lower bound, module docstring).  One candidate: proven.  Several, in
+    at most ``CANDIDATE_TILES`` uncrowded tiles: their float32 scores decide, if the best beats
+    every other by more than the float32 error of both evaluations.  Every other row (and any
+    with a non-positive threshold) is left to a dense row.
     """
     device, size = hidden.device, hidden.shape[-1]
-    tile = TILE.get(device.type, DEFAULT_TILE)
     rounded = hidden.bfloat16()
     with _float32_accumulation(device):
-        scan = scan_tiles(rounded, prepared.bf16, tile)
+        scan = scan_tiles(rounded, prepared.bf16, TILE.get(device.type, DEFAULT_TILE))
     best, tile_of = scan.first.max(0)
     column = scan.where.gather(0, tile_of.unsqueeze(0)).squeeze(0)
     norms = RowNorms.of(hidden, rounded)
@@ -296,59 +312,61 @@ def decide(hidden: Tensor, weight: Tensor, prepared: PreparedWeight) -> Decision
     u = BF16_UNIT
     threshold = (1 - u) * (_values(best) / (1 + u) - SAFETY * (e_winner + e_max))
     usable = torch.isfinite(threshold) & (threshold > 0)
-    candidate = _values(scan.first) >= threshold
-    crowded = _values(scan.second) >= threshold
-    proven = usable & (candidate.sum(0) == 1) & ~crowded.any(0)
-    contested = (usable & ~proven).nonzero().squeeze(1)
-    rescored = torch.zeros_like(proven)
-    if contested.numel():
-        scores, columns = _candidate_scores(hidden, weight, scan, candidate, crowded, contested, tile)
-        top, at = scores.topk(2, dim=0)
-        # Ours and the dense evaluation are each within g32 |h| |w| + tau of exact (both IEEE float32).
-        apart = 2 * float32_error(size) * norms.h * prepared.max_norm
-        margin = 2 * (apart + 2 * _underflow(norms, prepared, size))[contested]
-        clear = top[0] - top[1] > SAFETY * margin
-        winners = contested[clear]
-        column[winners] = columns[at[0, clear], clear.nonzero().squeeze(1)]
-        rescored[winners] = True
-    return Decision(column, rescored, ~(proven | rescored))
+    first = _values(scan.first)
+    candidate = first >= threshold
+    count = candidate.sum(0)
+    crowded = (_values(scan.second) >= threshold).any(0)
+    proven = usable & (count == 1) & ~crowded
+    winner, clear = _rescore(hidden, weight, scan, first, candidate, norms, prepared)
+    rescored = usable & ~proven & ~crowded & (count <= CANDIDATE_TILES) & clear
+    return Decision(torch.where(rescored, winner, column), rescored, ~(proven | rescored))
 
 
-def _candidate_scores(
-    hidden: Tensor, weight: Tensor, scan: TileScan, candidate: Tensor, crowded: Tensor, contested: Tensor, tile: int
+def _rescore(
+    hidden: Tensor, weight: Tensor, scan: TileScan, first: Tensor, candidate: Tensor, norms: RowNorms, prepared: PreparedWeight
 ) -> tuple[Tensor, Tensor]:
-    """Float32 scores and columns of the contested rows' candidates: float64 [2 * tiles, C], long [2 * tiles, C].
+    """Per row: the column with the best float32 score among its best tiles' candidate winners, and whether it is clear.
 
-    Slot t holds tile t's candidate winner, or for a crowded tile its float32 best; slot tiles + t
-    that tile's float32 second best.  Empty slots score -inf.
+    The ``CANDIDATE_TILES`` tiles with the highest bf16 winners hold every candidate tile of a
+    row that has at most that many (candidates score above all non-candidates).  Clear: ahead
+    of the runner-up by more than twice the float32 error (ours and the dense path's).
     """
-    tiles, count = scan.first.shape[0], contested.numel()
-    scores = torch.full((2 * tiles, count), -math.inf, dtype=torch.float64, device=hidden.device)
-    columns = torch.zeros(2 * tiles, count, dtype=torch.long, device=hidden.device)
-    single = candidate[:, contested] & ~crowded[:, contested]
-    tile_index, slot = single.nonzero(as_tuple=True)
-    rows, cols = contested[slot], scan.where[tile_index, contested[slot]]
-    scores[tile_index, slot] = (hidden[rows] * weight[cols]).sum(-1).double()
-    columns[tile_index, slot] = cols
-    crowded = crowded[:, contested]
-    for t in crowded.any(1).nonzero().squeeze(1).tolist():
-        slot = crowded[t].nonzero().squeeze(1)
-        values, index = F.linear(hidden[contested[slot]], weight[t * tile : (t + 1) * tile]).topk(2, dim=-1)
-        scores[t, slot], scores[tiles + t, slot] = values[:, 0].double(), values[:, 1].double()
-        columns[t, slot], columns[tiles + t, slot] = index[:, 0] + t * tile, index[:, 1] + t * tile
-    return scores, columns
+    take = min(CANDIDATE_TILES, first.shape[0])
+    tiles = first.topk(take, dim=0).indices  # [take, M]
+    columns = scan.where.gather(0, tiles)
+    scores = (hidden.unsqueeze(0) * weight[columns]).sum(-1).double()
+    scores = scores.masked_fill(~candidate.gather(0, tiles), -math.inf)
+    if take == 1:  # a single tile: a second candidate would make it crowded
+        scores = torch.cat([scores, torch.full_like(scores, -math.inf)])
+    top, at = scores.topk(2, dim=0)
+    size = hidden.shape[-1]
+    apart = 2 * float32_error(size) * norms.h * prepared.max_norm
+    margin = 2 * (apart + 2 * _underflow(norms, prepared, size))
+    return columns.gather(0, at[:1].clamp(max=take - 1)).squeeze(0), top[0] - top[1] > SAFETY * margin
+
+
+def dense_argmax(hidden: Tensor, weight: Tensor) -> Tensor:
+    """``F.linear(hidden, weight).argmax(-1)`` for ``hidden`` [M, H], float32 in IEEE precision, in row slices.
+
+    The slices keep the logits alive at once within the device's budget (calm_cli/runtime/budget.py),
+    whatever M is: a whole pool's logits would be [M, V].
+    """
+    with ieee_float32(hidden.device):
+        parts = [F.linear(hidden[s], weight).argmax(-1) for s in row_slices(hidden.shape[0], weight.shape[0], hidden.device.type)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=hidden.device)
 
 
 @dataclass
 class FastDecodeStats:
     """What the decoder did, summed over calls: rows decoded, and how many needed more than bf16.
 
-    ``rescored``: settled by float32 scores of a few candidates; ``dense``: needed a dense float32
-    row (including whole calls decoded densely).
+    ``rescored``: settled by float32 scores of a few candidates, a device tensor once a certified
+    call has run (reading it waits for the device: do it only to report); ``dense``: needed a
+    dense float32 row (including whole calls decoded densely), known on the host anyway.
     """
 
     rows: int = 0
-    rescored: int = 0
+    rescored: int | Tensor = 0
     dense: int = 0
 
 
@@ -375,23 +393,25 @@ class FastCandidateDecoder:
         hidden = self.states(latents.unsqueeze(-2))
         weight = self.ae.decoder.lm_head_weight
         flat = hidden.reshape(-1, hidden.shape[-1])
-        if not self._use_bf16(flat, weight):
+        if self._use_bf16(flat, weight):
+            column = self.argmax(flat, weight)
+        else:
             self.stats.rows += flat.shape[0]
             self.stats.dense += flat.shape[0]
-            with ieee_float32(weight.device):
-                return F.linear(hidden, weight).argmax(-1)
-        return self.argmax(flat, weight).reshape(hidden.shape[:-1])
+            column = dense_argmax(flat, weight)
+        return column.reshape(hidden.shape[:-1])
 
     def argmax(self, hidden: Tensor, weight: Tensor) -> Tensor:
-        """``F.linear(hidden, weight).argmax(-1)`` for float32 ``hidden`` [M, H], settled by ``decide``."""
-        with ieee_float32(hidden.device):
-            decision = decide(hidden, weight, self.prepared(weight))
-            dense = decision.dense.nonzero().squeeze(1)
-            column = decision.column
-            if dense.numel():
-                column[dense] = F.linear(hidden[dense], weight).argmax(-1)
+        """``F.linear(hidden, weight).argmax(-1)`` for float32 ``hidden`` [M, H], settled by ``decide`` slice by slice."""
+        prepared = self.prepared(weight)
+        tile = TILE.get(hidden.device.type, DEFAULT_TILE)
+        parts = [decide(hidden[s], weight, prepared) for s in row_slices(hidden.shape[0], tile, hidden.device.type)]
+        column = torch.cat([part.column for part in parts])
+        dense = torch.cat([part.dense for part in parts]).nonzero().squeeze(1)  # the call's one host sync
+        if dense.numel():
+            column[dense] = dense_argmax(hidden[dense], weight)
         self.stats.rows += hidden.shape[0]
-        self.stats.rescored += int(decision.rescored.sum())
+        self.stats.rescored += sum(part.rescored.sum() for part in parts)
         self.stats.dense += dense.numel()
         if dense.numel() > FALLBACK_FRACTION * hidden.shape[0]:
             self._dense_calls_left = RETRY_AFTER
@@ -408,7 +428,7 @@ class FastCandidateDecoder:
 
     def _use_bf16(self, hidden: Tensor, weight: Tensor) -> bool:
         """float32 models on a backend that accumulates bf16 in float32, unless in a dense spell."""
-        if hidden.dtype != torch.float32 or weight.dtype != torch.float32 or hidden.shape[0] * weight.numel() < MIN_WORK:
+        if hidden.dtype != torch.float32 or weight.dtype != torch.float32 or hidden.shape[0] * weight.numel() <= MIN_WORK:
             return False
         if self._dense_calls_left > 0:
             self._dense_calls_left -= 1

@@ -25,12 +25,11 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.autoencoder import Decoder
 from ..models.calm import CALM
-from .fastdecode import FastCandidateDecoder, ieee_float32
+from .fastdecode import FastCandidateDecoder, dense_argmax
 from .rng import RowRandom
 from .settings import check_candidate_dtype
 
@@ -38,9 +37,9 @@ DTYPES = {"auto": None, "float32": torch.float32, "bf16": torch.bfloat16}
 
 
 def has_fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run at a native rate here: CUDA with bf16, or a CPU with AVX512-BF16 / AMX."""
+    """Whether bf16 matmuls run at a native rate here: CUDA with native bf16 (emulated is slower), or a CPU with AVX512-BF16 / AMX."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     flags = _cpu_flags()
@@ -122,7 +121,9 @@ class CandidatePath:
         return self.decoder.hidden(latents.to(self.dtype)).to(self.weight.dtype)
 
     def _dense_chunks(self, latents: Tensor) -> Tensor:
-        """Latents [..., latent] -> argmax chunks [..., K] over the whole vocabulary, in IEEE float32 whatever the user set."""
+        """Latents [..., latent] -> argmax chunks [..., K] over the whole vocabulary, in IEEE float32 whatever the user set.
+
+        Decoded in row slices within the device's logit budget (calm_cli/runtime/budget.py).
+        """
         states = self.states(latents.unsqueeze(-2))
-        with ieee_float32(states.device):
-            return F.linear(states, self.weight).argmax(-1)
+        return dense_argmax(states.reshape(-1, states.shape[-1]), self.weight).reshape(states.shape[:-1])

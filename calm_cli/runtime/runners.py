@@ -17,6 +17,7 @@ from torch import Tensor
 from ..models.backbone import Backbone, KVCache
 from ..models.baseline import TokenTransformer
 from ..models.calm import CALM
+from .budget import row_slices
 from .fastdecode import ieee_float32
 from .precision import CandidatePath, candidate_dtypes, draws_one
 from .rng import RowRandom
@@ -32,8 +33,6 @@ EXACT_BLOCK = 8  # the exact sampler's first round: a confident position is acce
 POOL_BLOCK: int | None = None
 LEFTOVER_POOL = 64  # fewest candidates drawn for a first chunk that must start with leftover tokens
 LEFTOVER_BUDGET = 8  # the exact sampler's conditioned draws give up after this many pools
-SCORE_ELEMENTS = 1 << 22  # float32 logits alive at once when scoring a leftover prefix (16 MB)
-
 
 
 class Runner:
@@ -227,7 +226,6 @@ class CALMRunner(Runner):
         hidden = path.states(latents.unsqueeze(-2))  # [M, P, K, H]
         m, p = hidden.shape[:2]
         total = torch.zeros(m, p, dtype=torch.float32, device=latents.device)
-        step = max(1, SCORE_ELEMENTS // weight.shape[0])
         for j in range(self.unit - 1):  # leftovers are shorter than a chunk
             fixed = prefix[:, j] >= 0
             if not bool(fixed.any()):
@@ -235,10 +233,9 @@ class CALMRunner(Runner):
             h = hidden[:, :, j].reshape(m * p, -1)
             target = weight[prefix[:, j].clamp(min=0)].repeat_interleave(p, 0)
             with ieee_float32(h.device):
-                logp = torch.cat([
-                    (h[i : i + step] * target[i : i + step]).sum(-1).float()
-                    - F.linear(h[i : i + step], weight).float().logsumexp(-1)
-                    for i in range(0, m * p, step)
+                logp = torch.cat([  # slices within the device's logit budget (calm_cli/runtime/budget.py)
+                    (h[s] * target[s]).sum(-1).float() - F.linear(h[s], weight).float().logsumexp(-1)
+                    for s in row_slices(m * p, weight.shape[0], h.device.type)
                 ])
             total += logp.view(m, p) * fixed[:, None]
         return total

@@ -32,6 +32,8 @@ Temperatures (beta = 1/T; within 1e-9 relative of an integer it is snapped to it
   With ``max_block`` the rounds grow: ``block``, then twice that, up to ``max_block``, so
   a confident row is accepted after a handful of candidates while a flat one needs few
   rounds; round sizes depend only on the round number, so exactness is untouched.
+  Each round reads back which rows are still pending (one host synchronisation per round):
+  whether to stop and which rows draw next depend on the draws.
   Rows that have drawn ``max_draws`` candidates fall back to the approximation below
   (counted in ``SamplingStats.fallbacks``).
 * ``method="approx"``: draw a pool of N = ``num_samples`` chunks per row in one call,
@@ -346,8 +348,8 @@ def _exact(
     used = size
     while True:
         accepted, state = _exact_round(candidates, whole, alpha, state, _rows(generator, pending))
-        result[pending[accepted]] = state.value[accepted]
-        keep = ~accepted
+        result[pending] = torch.where(accepted.unsqueeze(1), state.value, result[pending])
+        keep = (~accepted).nonzero().squeeze(1)  # the round's one host synchronisation: which rows go on
         pending, state = pending[keep], state.subset(keep)
         if pending.numel() == 0 or used >= max_draws:
             break
