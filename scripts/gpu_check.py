@@ -105,8 +105,8 @@ def steps(dry_run: bool, python: str) -> list[Step]:
     for i, preset in enumerate(presets):
         out.append(Step(f"bench-{preset}-eager", bench + ["--preset", preset, "--no-compile"], 120))
         if i == 0 and memory.exists():
-            out.append(Step("candidate-memory", [python, str(memory), "--device", device, "--json"]
-                            + (["--preset", "tiny"] if dry_run else []), 90))
+            out.append(Step("candidate-memory", [python, str(memory), "--device", device]
+                            + (["--preset", "tiny", "--slots", "2", "--samples", "16"] if dry_run else []), 90))
         out.append(Step(f"bench-{preset}-compiled", bench + ["--preset", preset, "--compile"], 200, traced))
     return out
 
@@ -119,9 +119,18 @@ def tail(path: Path) -> str:
 
 
 def parse_json(path: Path) -> object:
+    """A step's stdout as one JSON value, or as a list of JSON lines; None where it is neither."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return [json.loads(line) for line in text.splitlines() if line.strip()] or None
+    except ValueError:
         return None
 
 

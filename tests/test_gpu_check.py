@@ -35,6 +35,8 @@ def test_the_dry_run_runs_every_step_and_reports_each(tmp_path: Path) -> None:
     bench = steps["bench-tiny-compiled"]["json"]
     assert bench["rows"] and all(row["compile"] for row in bench["rows"])
     assert steps["generate"]["json"]["completion_tokens"] > 0
+    memory = {line["mode"]: line for line in steps["candidate-memory"]["json"] if "mode" in line}
+    assert set(memory) == {"whole", "sliced"} and all("peak_mb_above_start" in m for m in memory.values())
     assert report["finished"] and report["dry_run"] is True
 
 
