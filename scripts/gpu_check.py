@@ -82,7 +82,7 @@ class Result:
 
 
 def steps(dry_run: bool, python: str) -> list[Step]:
-    """What the check runs, most valuable first: versions, CUDA tests, eager rows, then compiled rows."""
+    """What the check runs, most valuable first: versions, smoke runs, the CUDA tests, memory, then each preset eager and compiled."""
     calm = [python, "-m", "calm_cli", "--debug"]
     device = "cpu" if dry_run else "cuda"
     tiny = str(REPO / "tests" / "fixtures" / "official-tiny" / "calm")
@@ -95,19 +95,17 @@ def steps(dry_run: bool, python: str) -> list[Step]:
     tests = [python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "cuda", str(REPO / "tests")]
     out = [
         Step("versions", [python, "-c", VERSIONS], 60),
-        Step("cuda-tests", tests + ([] if dry_run else ["--cuda"]), 200),
         Step("generate", calm + ["generate", "Hello", "-m", tiny, "-n", "16", "--temp", "1", "--seed", "0",
-                                 "--device", device, "--no-compile", "--json"], 60),
+                                 "--device", device, "--json"], 60),
         Step("generate-float32-T0.5", calm + ["generate", "Hello", "-m", tiny, "-n", "16", "--temp", "0.5", "--seed", "0",
-                                              "--device", device, "--dtype", "float32", "--no-compile", "--json"], 60),
+                                              "--device", device, "--dtype", "float32", "--json"], 60),
+        Step("cuda-tests", tests + ([] if dry_run else ["--cuda"]), 300),
+        Step("candidate-memory", [python, str(REPO / "benchmarks" / "candidate_memory.py"), "--device", device]
+             + (["--preset", "tiny", "--slots", "2", "--samples", "16"] if dry_run else []), 90),
     ]
-    memory = REPO / "benchmarks" / "candidate_memory.py"
-    for i, preset in enumerate(presets):
+    for preset in presets:
         out.append(Step(f"bench-{preset}-eager", bench + ["--preset", preset, "--no-compile"], 120))
-        if i == 0 and memory.exists():
-            out.append(Step("candidate-memory", [python, str(memory), "--device", device]
-                            + (["--preset", "tiny", "--slots", "2", "--samples", "16"] if dry_run else []), 90))
-        out.append(Step(f"bench-{preset}-compiled", bench + ["--preset", preset, "--compile"], 200, traced))
+        out.append(Step(f"bench-{preset}-compiled", bench + ["--preset", preset, "--compile"], 240, traced))
     return out
 
 

@@ -27,7 +27,7 @@ def test_the_dry_run_runs_every_step_and_reports_each(tmp_path: Path) -> None:
     failed = [(s["name"], s["status"], s["stderr_tail"][-800:]) for s in report["steps"] if s["status"] != "ok"]
     assert r.returncode == 0 and not failed, (r.stderr, failed)
     names = [s["name"] for s in report["steps"]]
-    assert names[:4] == ["versions", "cuda-tests", "generate", "generate-float32-T0.5"]
+    assert names[:5] == ["versions", "generate", "generate-float32-T0.5", "cuda-tests", "candidate-memory"]
     assert "bench-tiny-eager" in names and "bench-tiny-compiled" in names
     steps = {s["name"]: s for s in report["steps"]}
     assert steps["versions"]["json"]["torch"] and "c_compiler" in steps["versions"]["json"]
