@@ -10,6 +10,8 @@ from typing import Optional
 import typer
 
 from ..errors import CalmError, UsageError
+from ..runtime.budget import DEFAULT_REQUEST_LOGITS
+from ..runtime.settings import DEFAULT_MAX_BODY_BYTES
 from .common import (
     CandidateDecoderOpt,
     CandidateDtypeOpt,
@@ -54,6 +56,11 @@ def serve(
     dtype: str = DtypeOpt,
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the decode step (default: on for CUDA)."),
     threads: Optional[int] = ThreadsOpt,
+    max_request_logits: int = typer.Option(
+        DEFAULT_REQUEST_LOGITS, "--max-request-logits", metavar="N",
+        help="Most logits one request may score per step (rows x candidates x K x vocabulary); more is a 400.",
+    ),
+    max_body_bytes: int = typer.Option(DEFAULT_MAX_BODY_BYTES, "--max-body-bytes", metavar="N", help="Largest request body; more is a 413."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics).
 
@@ -73,6 +80,8 @@ def serve(
         raise UsageError("--max-queue must be at least 0")
     if max_batch is not None and max_batch < 1:
         raise UsageError("--max-batch must be at least 1")
+    if max_request_logits < 1 or max_body_bytes < 1:
+        raise UsageError("--max-request-logits and --max-body-bytes must be at least 1")
     defaults = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler)
     check_settings(defaults)
     check_candidate_decoder(candidate_decoder)
@@ -96,7 +105,7 @@ def serve(
     worker = EngineWorker(engine)
     config = ServeConfig(
         model_name=name or path.resolve().name, defaults=defaults, max_queue=max_queue, api_key=api_key,
-        template=template or DEFAULT_TEMPLATE,
+        template=template or DEFAULT_TEMPLATE, max_request_logits=max_request_logits, max_body_bytes=max_body_bytes,
     )
     app = create_app(worker, loaded.tokenizer, config)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -13,3 +13,21 @@ from __future__ import annotations
 def logit_elements(rows: int, candidates: int, patch_size: int, vocab_size: int) -> int:
     """Logits a dense decode of `candidates` chunks for each of `rows` rows would hold at once."""
     return rows * candidates * patch_size * vocab_size
+
+
+DEFAULT_REQUEST_LOGITS = 2**28  # about 1 s of candidate decoding per step on one CPU core (README "Limits and refusals")
+EXACT_DRAWS = 2000  # the exact sampler's candidates per row and step before it falls back (temperature_sample's max_draws)
+EXACT_FIRST_BLOCK = 8  # the exact sampler's first round (runners.EXACT_BLOCK); a round holds at least 1/T candidates
+
+
+def step_candidates(temperature: float, samples: int, sampler: str) -> int:
+    """The most candidate chunks one row decodes in one call of a step, from its settings alone.
+
+    T = 1 draws one. Other temperatures draw a pool of N; the exact sampler's rounds hold
+    max(8, floor(1/T)) candidates up to its limit of EXACT_DRAWS, then a pool of N.
+    """
+    if temperature > 0.0 and abs(1.0 / temperature - 1.0) <= 1e-9:
+        return 1
+    if sampler == "exact" and temperature > 0.0:
+        return max(samples, min(max(EXACT_FIRST_BLOCK, int(1.0 / temperature)), EXACT_DRAWS))
+    return samples

@@ -40,8 +40,9 @@ from ..errors import UsageError
 from ..models.backbone import KVCache
 from ..models.baseline import TokenTransformer
 from ..models.calm import CALM
+from .budget import logit_elements, step_candidates
 from .rng import RowRandom, mix64, new_seed
-from .runners import Runner, make_runner
+from .runners import CALMRunner, Runner, make_runner
 from .sampling import SamplingStats
 from .settings import GenerationSettings, check_settings
 
@@ -186,6 +187,12 @@ class Engine:
             live = list(self._live.values())
         for request in live:
             self.cancel(request, reason)
+
+    def step_logits(self, settings: GenerationSettings, rows: int = 1) -> int:
+        """Logits `rows` requests with these settings score per step at most: the cost a server budgets before it runs."""
+        pooled = isinstance(self.runner, CALMRunner)
+        candidates = step_candidates(settings.temperature, settings.num_samples, settings.sampler) if pooled else 1
+        return logit_elements(rows, candidates, self.k, self.config.vocab_size)
 
     @property
     def queued(self) -> int:
