@@ -263,3 +263,37 @@ def test_the_openai_client_works_unchanged(app) -> None:
     chunks = list(client.completions.create(model=NAME, prompt="Hi", max_tokens=4, stream=True,
                                             stream_options={"include_usage": True}))
     assert chunks[-1].usage.completion_tokens == 4
+
+
+# ---- 6. same seed, same text under load -------------------------------------------------------
+
+
+def hidden_states_of(engine: Engine, prompts: list[list[int]], settings: list[GenerationSettings]) -> dict[int, list]:
+    """Each request's (by seed) hidden state at every step, as the sampler got it, and its tokens at the end."""
+    seen: dict[int, list] = {}
+    sample = engine.runner.sample
+
+    def watched(hidden, rng, s, stats, prefixes=None):
+        for row, slot in enumerate(rng.index.tolist()):
+            seen.setdefault(engine.slots[slot].seed, []).append(hidden[row].clone())
+        return sample(hidden, rng, s, stats, prefixes)
+
+    engine.runner.sample = watched
+    requests = [engine.submit(p, s) for p, s in zip(prompts, settings)]
+    for _ in engine.run():
+        pass
+    return {r.seed: (seen[r.seed], r.tokens) for r in requests}
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_a_seeded_request_gets_the_same_hidden_states_and_tokens_alone_and_beside_others(model, temperature: float) -> None:
+    """Bitwise: the backbone step's rows are padded to ROW_QUANTUM, so no row's GEMM kernel depends on its neighbours."""
+    words = ["Once upon a time", "The", "A long story about rivers and kings", "x", "Hello there, friend", "Go"]
+    prompts = [model.tokenizer.encode(w).ids for w in words]
+    settings = [GenerationSettings(max_tokens=40, temperature=temperature, seed=100 + i) for i in range(len(words))]
+    together = hidden_states_of(Engine(model, max_batch=8), prompts, settings)
+    for prompt, s in zip(prompts, settings):
+        alone = hidden_states_of(Engine(model, max_batch=1), [prompt], [s])[s.seed]
+        assert alone[1] == together[s.seed][1]
+        assert len(alone[0]) == len(together[s.seed][0])
+        assert all(bool((a == b).all()) for a, b in zip(alone[0], together[s.seed][0]))

@@ -48,6 +48,9 @@ from .settings import GenerationSettings, check_settings
 
 PREFILL_PIECE = 256  # steps of a prompt prefilled per backbone call: bounds prefill memory
 SPAN_QUANTUM = 64  # attention reads the cache up to the longest row, rounded up to this
+# Backbone steps run on a multiple of this many rows: CPU float32 GEMMs (oneDNN/MKL) round a row differently
+# for 1-3 rows, and for 5-7 or 9-11 at some thread counts, than for any multiple of 4 (README "One engine").
+ROW_QUANTUM = 4
 DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 64}
 _ids = itertools.count(1)
 
@@ -138,19 +141,21 @@ class Engine:
         self.max_batch = max_batch or default_max_batch(self.device)
         if self.max_batch < 1:
             raise UsageError("--max-batch must be at least 1")
+        # Rows of the cache and of every per-slot tensor: the slots, and scratch rows that pad a step to ROW_QUANTUM.
+        self.rows = -(-self.max_batch // ROW_QUANTUM) * ROW_QUANTUM
         self.eos = model.config.eos_token_id
         # Padding a CALM chunk may decode to; None keeps every token (a token model's draw is always kept).
         self.pad = model.config.pad_token_id if self.runner.chunks_hold_padding else None
-        self.cache: KVCache = self.runner.new_cache(self.max_batch)
-        self.hidden = torch.zeros(self.max_batch, model.config.hidden_size, dtype=param.dtype, device=self.device)
+        self.cache: KVCache = self.runner.new_cache(self.rows)
+        self.hidden = torch.zeros(self.rows, model.config.hidden_size, dtype=param.dtype, device=self.device)
         self.rng = RowRandom(
-            torch.zeros(self.max_batch, dtype=torch.long, device=self.device),
-            torch.zeros(self.max_batch, dtype=torch.long, device=self.device),
+            torch.zeros(self.rows, dtype=torch.long, device=self.device),
+            torch.zeros(self.rows, dtype=torch.long, device=self.device),
         )
         self.slots: list[Request | None] = [None] * self.max_batch
         self.lengths = [0] * self.max_batch  # steps in each slot's cache, on the host
-        self.write_at = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)  # the same, on the device
-        self.busy_mask = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+        self.write_at = torch.zeros(self.rows, dtype=torch.long, device=self.device)  # the same, on the device
+        self.busy_mask = torch.zeros(self.rows, dtype=torch.long, device=self.device)
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
         self.prefixes: list[list[int] | None] = [None] * self.max_batch
         self.sampling = SamplingStats()
@@ -231,7 +236,7 @@ class Engine:
         return updates
 
     def _decode(self, busy: list[int], updates: list[Update]) -> None:
-        rows = max(busy) + 1  # slots are filled lowest first, so this stays small when few are busy
+        rows = self._step_rows(max(busy) + 1)
         chosen = torch.full((rows, self.k), self.eos if self.eos is not None else 0, dtype=torch.long, device=self.device)
         for members, settings, prefixes in self._groups(busy):
             index = self._index(members)
@@ -244,6 +249,11 @@ class Engine:
         tokens = chosen.tolist()  # the step's one transfer to the host
         for i in busy:
             updates.append(self._take(i, tokens[i]))
+
+    def _step_rows(self, used: int) -> int:
+        """Rows the step runs on: those up to the highest busy slot (slots fill lowest first, so few when few are
+        busy), rounded up to ROW_QUANTUM so that a row's hidden state does not depend on how many others there are."""
+        return min(self.rows, -(-used // ROW_QUANTUM) * ROW_QUANTUM)
 
     def _index(self, members: list[int]) -> torch.Tensor:
         """The device index of a group of slots, made once per membership (a copy to the device is a sync on CUDA)."""
