@@ -35,7 +35,7 @@ HUGE = {"model": NAME, "prompt": "hi", "samples": 1048576, "max_tokens": 2, "tem
 
 
 class WatchedTokenizer:
-    """The model's tokenizer, recording whether `encode` ran with an event loop in its thread; it can hold `encode`."""
+    """The model's tokenizer, recording whether `encode_batch` ran with an event loop in its thread; it can hold it."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -44,7 +44,7 @@ class WatchedTokenizer:
         self.release = threading.Event()
         self.release.set()
 
-    def encode(self, text: str, **kwargs: Any) -> Any:
+    def encode_batch(self, texts: list[str], **kwargs: Any) -> Any:
         try:
             asyncio.get_running_loop()
             self.on_loop.append(True)
@@ -52,7 +52,7 @@ class WatchedTokenizer:
             self.on_loop.append(False)
         self.entered.set()
         self.release.wait(60)
-        return self.tokenizer.encode(text, **kwargs)
+        return self.tokenizer.encode_batch(texts, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.tokenizer, name)
@@ -101,8 +101,11 @@ def test_a_million_samples_is_refused_with_its_cost_and_the_limit_before_any_ste
     draws = engine.sampling.draws
     error = error_of(post(client, HUGE), 400)
     assert error["code"] == "request_too_costly" and error["param"] == "samples"
-    assert "2,147,483,648 logits" in error["message"] and "268,435,456" in error["message"]  # 1 x 2^20 x K 4 x V 512
+    assert "2,147,483,648 logits" in error["message"] and "6,553,600" in error["message"]  # 1 x 2^20 x K 4 x V 512
     assert engine.sampling.draws == draws and not engine.has_work()
+    sixteen = post(client, {"model": NAME, "prompt": "x", "n": 16, "max_tokens": 1, "temperature": 0.5})
+    assert sixteen.status_code == 200, sixteen.text  # the default budget: 16 rows at the default samples
+    assert error_of(post(client, {**HUGE, "samples": 3201}), 400)["code"] == "request_too_costly"
 
 
 def test_the_budget_counts_rows_and_is_configurable(model) -> None:
@@ -131,7 +134,7 @@ def test_jsonl_refuses_a_costly_line_and_answers_the_others() -> None:
     outcome = run(["generate", "--jsonl", "-m", str(FIXTURE), "-n", "4"], stdin)
     rows = [json.loads(line) for line in outcome.out.splitlines()]
     assert outcome.code == 1 and "Traceback" not in outcome.err
-    assert rows[0]["line"] == 1 and "268,435,456" in rows[0]["error"] and "--max-request-logits" in rows[0]["error"]
+    assert rows[0]["line"] == 1 and "6,553,600" in rows[0]["error"] and "--max-request-logits" in rows[0]["error"]
     assert rows[1]["line"] == 2 and rows[1]["completion_tokens"] == 2
 
 

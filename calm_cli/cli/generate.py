@@ -12,7 +12,6 @@ from typing import Optional
 import typer
 
 from ..errors import CalmError, UsageError
-from ..runtime.budget import DEFAULT_REQUEST_LOGITS
 from ..runtime.settings import MAX_SEED, SAMPLES_LIMIT
 from .common import (
     CandidateDecoderOpt,
@@ -75,9 +74,10 @@ def generate(
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Timings and tokens/s on stderr."),
     threads: Optional[int] = ThreadsOpt,
-    max_request_logits: int = typer.Option(
-        DEFAULT_REQUEST_LOGITS, "--max-request-logits", metavar="N",
-        help="With --jsonl: most logits one line may score per step (candidates x K x vocabulary); more is that line's error.",
+    max_request_logits: Optional[int] = typer.Option(
+        None, "--max-request-logits", metavar="N",
+        help="With --jsonl: most logits one line may score per step (candidates x K x vocabulary); more is that line's "
+        "error. Default: what 16 rows at --samples cost.",
     ),
 ) -> None:
     """Continue PROMPT with a CALM model (or a token-level baseline)."""
@@ -96,7 +96,7 @@ def generate(
         raise UsageError("--jsonl reads prompts from stdin or -f FILE, not from PROMPT")
     if max_batch is not None and max_batch < 1:
         raise UsageError("--max-batch must be at least 1")
-    if max_request_logits < 1:
+    if max_request_logits is not None and max_request_logits < 1:
         raise UsageError("--max-request-logits must be at least 1")
     lines = _jsonl_input(file) if jsonl else []
     text = "" if jsonl else _with_system(system, _generate_prompt(prompt, file))
@@ -114,7 +114,10 @@ def generate(
     engine = Engine(calm, max_batch=max_batch if jsonl else 1, compile=use_compile, candidate_decoder=candidate_decoder,
                     candidate_dtype=candidate_dtype)
     if jsonl:
-        failed = _run_jsonl(engine, calm.tokenizer, lines, settings, stop, system, verbose, max_request_logits)
+        from ..runtime.budget import default_request_logits
+
+        budget = max_request_logits or default_request_logits(samples, engine.k, engine.config.vocab_size)
+        failed = _run_jsonl(engine, calm.tokenizer, lines, settings, stop, system, verbose, budget)
         if failed:
             raise typer.Exit(1)
         return

@@ -10,7 +10,6 @@ from typing import Optional
 import typer
 
 from ..errors import CalmError, UsageError
-from ..runtime.budget import DEFAULT_REQUEST_LOGITS
 from ..runtime.settings import DEFAULT_MAX_BODY_BYTES
 from .common import (
     CandidateDecoderOpt,
@@ -56,9 +55,10 @@ def serve(
     dtype: str = DtypeOpt,
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the decode step (default: on for CUDA)."),
     threads: Optional[int] = ThreadsOpt,
-    max_request_logits: int = typer.Option(
-        DEFAULT_REQUEST_LOGITS, "--max-request-logits", metavar="N",
-        help="Most logits one request may score per step (rows x candidates x K x vocabulary); more is a 400.",
+    max_request_logits: Optional[int] = typer.Option(
+        None, "--max-request-logits", metavar="N",
+        help="Most logits one request may score per step (rows x candidates x K x vocabulary); more is a 400. "
+        "Default: what 16 rows at --samples cost.",
     ),
     max_body_bytes: int = typer.Option(DEFAULT_MAX_BODY_BYTES, "--max-body-bytes", metavar="N", help="Largest request body; more is a 413."),
 ) -> None:
@@ -80,7 +80,7 @@ def serve(
         raise UsageError("--max-queue must be at least 0")
     if max_batch is not None and max_batch < 1:
         raise UsageError("--max-batch must be at least 1")
-    if max_request_logits < 1 or max_body_bytes < 1:
+    if (max_request_logits is not None and max_request_logits < 1) or max_body_bytes < 1:
         raise UsageError("--max-request-logits and --max-body-bytes must be at least 1")
     defaults = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler)
     check_settings(defaults)

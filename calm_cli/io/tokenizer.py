@@ -32,3 +32,9 @@ def replace_surrogates(text: str) -> str:
 def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
     """Token ids; with special tokens the post-processor prepends BOS, as Llama-3's does."""
     return tokenizer.encode(replace_surrogates(text), add_special_tokens=add_special_tokens).ids
+
+
+def encode_released(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """`encode` of each text, through `encode_batch`, which releases the GIL while the Rust side works (`encode`
+    holds it): a server tokenizing a large prompt on a worker thread keeps its event loop answering."""
+    return [e.ids for e in tokenizer.encode_batch([replace_surrogates(t) for t in texts], add_special_tokens=True)]

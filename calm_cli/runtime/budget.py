@@ -15,9 +15,18 @@ def logit_elements(rows: int, candidates: int, patch_size: int, vocab_size: int)
     return rows * candidates * patch_size * vocab_size
 
 
-DEFAULT_REQUEST_LOGITS = 2**28  # about 1 s of candidate decoding per step on one CPU core (README "Limits and refusals")
+BUDGET_ROWS = 16  # by default a request may cost per step what 16 rows at the default samples cost (MAX_CHOICES)
 EXACT_DRAWS = 2000  # the exact sampler's candidates per row and step before it falls back (temperature_sample's max_draws)
 EXACT_FIRST_BLOCK = 8  # the exact sampler's first round (runners.EXACT_BLOCK); a round holds at least 1/T candidates
+
+
+def default_request_logits(samples: int, patch_size: int, vocab_size: int) -> int:
+    """The default budget of one request's step: BUDGET_ROWS rows at the default pool.
+
+    Any request that keeps the default samples then fits whatever the model (the exact
+    sampler below T = 1/200 aside), and one row may ask for up to 16 times the default pool.
+    """
+    return logit_elements(BUDGET_ROWS, samples, patch_size, vocab_size)
 
 
 def step_candidates(temperature: float, samples: int, sampler: str) -> int:

@@ -48,8 +48,8 @@ from starlette.exceptions import HTTPException
 from tokenizers import Tokenizer
 
 from ..errors import UsageError
-from ..io.tokenizer import encode, replace_surrogates
-from ..runtime.budget import DEFAULT_REQUEST_LOGITS
+from ..io.tokenizer import encode_released, replace_surrogates
+from ..runtime.budget import default_request_logits
 from ..runtime.chat import DEFAULT_TEMPLATE, Conversation, Template, Turn
 from ..runtime.engine import Engine, PromptTooLong, Update
 from ..runtime.engine import Request as EngineRequest
@@ -151,7 +151,7 @@ class ServeConfig:
     api_key: str | None = None
     template: str = DEFAULT_TEMPLATE
     completion_max_tokens: int = 16  # OpenAI's default for /v1/completions
-    max_request_logits: int = DEFAULT_REQUEST_LOGITS  # the per-step cost a request may have (runtime/budget.py)
+    max_request_logits: int | None = None  # the per-step cost a request may have; None: default_request_logits
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
@@ -200,6 +200,9 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
     engine = worker.engine
     template = Template.parse(config.template)
     created = int(time.time())
+    budget = config.max_request_logits or default_request_logits(
+        config.defaults.num_samples, engine.k, engine.config.vocab_size
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -280,7 +283,7 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
             raise ApiError(400, f"this request asks for {prompts * body.n} completions (prompts x n); this server takes at "
                            f"most {capacity} at once (--max-batch {engine.max_batch} + --max-queue {config.max_queue})",
                            param="n" if prompts == 1 else "prompt", code="too_many_completions")
-        check_cost(engine, base, prompts * body.n, config.max_request_logits, "samples" if body.samples else "n")
+        check_cost(engine, base, prompts * body.n, budget, "samples" if body.samples else "n")
         return [base if body.seed is None else replace(base, seed=(body.seed + i) % (MAX_SEED + 1)) for i in range(body.n)]
 
     def stops_of(body: Options) -> list[str]:
@@ -404,7 +407,7 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
             raise ApiError(400, "prompt must not be empty", param="prompt", code="invalid_value")
         settings = settings_for(body, body.max_tokens or config.completion_max_tokens, len(texts))
         stops = stops_of(body)
-        prompts = await asyncio.to_thread(lambda: [encode(tokenizer, text) for text in texts])
+        prompts = await asyncio.to_thread(encode_released, tokenizer, texts)
         choices, updates = await run(http, "completions", prompts, settings, stops)
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": config.model_name}
@@ -434,7 +437,7 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
         stops = stops_of(body)
         if template.stop:
             stops.append(template.stop)
-        prompts = [await asyncio.to_thread(lambda: encode(tokenizer, conversation_prompt(template, body.messages)))]
+        prompts = await asyncio.to_thread(lambda: encode_released(tokenizer, [conversation_prompt(template, body.messages)]))
         choices, updates = await run(http, "chat", prompts, settings, stops)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": config.model_name}
