@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from typing import Optional
@@ -128,4 +129,7 @@ def serve(
             signal.signal(sig, handler)
     if not server.started:
         raise CalmError(f"could not listen on {host}:{port}")
+    if worker.alive:  # a step outlasted shutdown (none can be interrupted): exit now, not after it, and without
+        sys.stderr.flush()  # finalizing torch under a running step, which aborts the process
+        os._exit(0)
 

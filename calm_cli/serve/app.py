@@ -64,6 +64,7 @@ MAX_CHOICES = 16
 MAX_STOPS = 4
 DISCONNECT_CHECK_S = 0.1  # how often a non-streaming handler asks whether its client is still there
 SHUTDOWN_GRACE_S = 3.0  # below uvicorn's graceful-shutdown limit (5 s) in cli/serve.py
+STOP_WAIT_S = 1.0  # how long shutdown waits for a step in flight; `calm serve` then exits under it (cli/serve.py)
 HTTP_CODES = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 # OpenAI fields that would change the output and that CALM cannot apply, with the values that change nothing.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -208,7 +209,7 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         worker.start()
         yield
-        await asyncio.to_thread(worker.stop)
+        await asyncio.to_thread(worker.stop, STOP_WAIT_S)
 
     app = FastAPI(title="calm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes,

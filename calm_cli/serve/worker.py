@@ -54,6 +54,11 @@ class EngineWorker:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the thread still runs: after `stop`, only while a step that outlasted its timeout finishes."""
+        return self._thread.is_alive()
+
     def _loop(self) -> None:
         while not self._stopping.is_set():
             self._wake.clear()
