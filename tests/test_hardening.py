@@ -300,3 +300,32 @@ def test_a_seeded_request_gets_the_same_hidden_states_and_tokens_alone_and_besid
         assert alone[1] == together[s.seed][1]
         assert len(alone[0]) == len(together[s.seed][0])
         assert all(bool((a == b).all()) for a, b in zip(alone[0], together[s.seed][0]))
+
+
+# ---- fuzz: whatever the body, an answer in OpenAI's shape, never a server error ----------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=6) | st.sampled_from(["\ud800", "a\udfffb", "\x00"])
+BIG = st.sampled_from([1, 2, 16, 17, 3200, 3201, 2**20, 2**20 + 1, 2**31, 2**63])
+FUZZED = {
+    "prompt": TEXT | st.lists(TEXT, max_size=80), "messages": st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "assistant", "tool"]), "content": TEXT | st.none()}), max_size=3),
+    "samples": BIG, "n": BIG, "max_tokens": BIG, "temperature": st.sampled_from([0, 0.5, 1, 1.5]),
+    "sampler": st.sampled_from(["approx", "exact"]), "stop": TEXT | st.lists(TEXT, max_size=5), "top_p": st.sampled_from([1, 0.5, None]),
+    "tools": st.sampled_from([None, [], [{"type": "function"}]]), "user": TEXT, "seed": BIG, "unknown_field": TEXT,
+}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(endpoint=st.sampled_from(["completions", "chat/completions"]),
+       body=st.fixed_dictionaries({}, optional=FUZZED))
+def test_fuzzed_bodies_with_surrogates_big_numbers_and_unknown_fields(app, endpoint: str, body: dict) -> None:
+    body = {"model": NAME, **body}
+    if isinstance(body.get("max_tokens"), int):
+        body["max_tokens"] = min(body["max_tokens"], 4)  # keep each case short; the budget does not depend on it
+    response = post(app[0], body, endpoint)
+    assert response.status_code in (200, 400, 404, 429), response.text
+    if response.status_code != 200:
+        error_of(response, response.status_code)
