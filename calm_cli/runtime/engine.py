@@ -14,8 +14,9 @@ samplers add theirs where the work is data-dependent (the fast candidate decoder
 rescoring, the exact sampler's rounds, a first chunk after leftover prompt tokens with no
 matching candidate). Each request has
 its own random stream from its own seed (`RowRandom`), so its output depends on its
-prompt, settings and seed, not on what else is in the batch (exactly so with the float32
-candidate path; bf16 pools can round a row differently in a batch and flip a near-tie).
+prompt, settings and seed, not on what else is in the batch. The backbone step runs on a
+multiple of ROW_QUANTUM rows, so a row's hidden state is bitwise the same alone and beside
+others (README "One engine for every request" says what else holds).
 
 Prompts whose length is not a multiple of K: the authors right-pad with PAD, a token the
 model never saw in training. We prefill the prompt's whole chunks and keep the r < K
