@@ -93,12 +93,13 @@ def test_warm_up_compiles_every_graph_a_run_needs(model) -> None:
     engine = Engine(model, max_batch=3, compile=True, compile_backend="aot_eager")
     assert engine.warm_up()
     watch = engine.compile_watch
-    assert watch.sealed and watch.graphs == 6 and watch.recompiles == 0
+    # Steps run on ROW_QUANTUM rows here (3 slots): one static span, the symbolic spans, the whole cache.
+    assert watch.sealed and watch.graphs == 3 and watch.recompiles == 0
     spans = sorted({min(engine.context, SPAN_QUANTUM * j) for j in range(1, engine.context // SPAN_QUANTUM + 2)})
     with torch.inference_mode():
-        for rows in range(1, engine.max_batch + 1):
+        for used in range(1, engine.max_batch + 1):
             for span in spans:
-                engine._forward(torch.ones((rows, engine.k), dtype=torch.long), span)
+                engine._forward(torch.ones((engine._step_rows(used), engine.k), dtype=torch.long), span)
     assert watch.recompiles == 0
     # Prompts of 2, 100 and 230 steps: the span runs from 64 to the whole context while rows finish.
     prompts = [[3 + i % 400 for i in range(4 * n)] for n in (2, 100, 230)]
@@ -109,24 +110,25 @@ def test_warm_up_compiles_every_graph_a_run_needs(model) -> None:
 
 
 def test_every_engine_in_a_process_gets_its_own_graphs(model) -> None:
-    """Engines share `Runner.step`'s code, whose graphs dynamo caps at 8: without a raise the third fails (fullgraph).
+    """Engines share `Runner.step`'s code, whose graphs dynamo caps at 8: without a raise the fourth fails (fullgraph).
 
-    The later engines need 4 graphs, not 6: dynamo already marked rows and span dynamic for this code.
+    The later engines need 2 graphs, not 3: dynamo already marked the span dynamic for this code.
     """
     watches = []
-    for _ in range(3):
+    for _ in range(5):
         engine = Engine(model, max_batch=3, compile=True, compile_backend="aot_eager")
         assert engine.warm_up()
         watches.append(engine.compile_watch)
-    assert [w.graphs for w in watches] == [6, 4, 4] and not any(w.recompiles for w in watches)
+    assert [w.graphs for w in watches] == [3, 2, 2, 2, 2] and not any(w.recompiles for w in watches)
 
 
 def test_warm_up_shapes_cover_one_slot_and_short_contexts(model) -> None:
-    assert Engine(model, max_batch=1).warm_up_shapes() == [(1, 64), (1, 128), (1, 256)]
+    assert Engine(model, max_batch=1).warm_up_shapes() == [(4, 64), (4, 128), (4, 256)]  # steps run on ROW_QUANTUM rows
     engine = Engine(model, max_batch=8)
-    assert {rows for rows, _ in engine.warm_up_shapes()} == {1, 2, 8}
+    assert {rows for rows, _ in engine.warm_up_shapes()} == {4, 8}
+    assert {rows for rows, _ in Engine(model, max_batch=30).warm_up_shapes()} == {4, 8, 32}
     engine.context = 40  # a context shorter than one span quantum: one span, the whole cache
-    assert engine.warm_up_shapes() == [(1, 40), (2, 40), (8, 40)]
+    assert engine.warm_up_shapes() == [(4, 40), (8, 40)]
 
 
 def test_generate_compiles_only_when_asked() -> None:
@@ -293,18 +295,18 @@ def test_serve_warms_up_before_listening_and_reports_compiles() -> None:
         # The port opened only once warm: its very first answer is healthy, with every graph compiled.
         assert first.status_code == 200, first.text
         compiled = first.json()["compile"]
-        assert compiled["graphs"] == 6 and compiled["recompiles"] == 0 and compiled["warmup_s"] >= 6 * 0.5
+        assert compiled["graphs"] == 3 and compiled["recompiles"] == 0 and compiled["warmup_s"] >= 3 * 0.5
         for prompt, n in (("Hi", 4), ("A longer prompt " * 40, 40)):
             r = httpx.post(f"{base}/v1/completions", timeout=60,
                            json={"model": NAME, "prompt": prompt, "max_tokens": n, "ignore_eos": True, "seed": 2})
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == n
         assert httpx.get(f"{base}/health").json()["compile"]["recompiles"] == 0
         metrics = httpx.get(f"{base}/metrics").text
-        assert "calm_compiled_graphs 6.0" in metrics and "calm_recompiles 0.0" in metrics
+        assert "calm_compiled_graphs 3.0" in metrics and "calm_recompiles 0.0" in metrics
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
         log = proc.stderr.read()
-    assert "warm-up" in log and "6 graphs" in log and "Traceback" not in log, log
+    assert "warm-up" in log and "3 graphs" in log and "Traceback" not in log, log
 
 
 @pytest.mark.parametrize(("sig", "after"), [(signal.SIGTERM, 1.5), (signal.SIGINT, 0.2)])

@@ -123,11 +123,30 @@ def read_prompt(prompt: Optional[str]) -> str:
 
 
 def read_stdin() -> str:
-    """All of stdin as text; bytes that are not UTF-8 are a usage error, not a crash."""
+    """All of stdin as text; bytes that are not UTF-8 are a usage error, not a crash.
+
+    Read as bytes and decoded strictly: under a C or POSIX locale Python's own stdin would
+    smuggle them in as lone surrogates, which the tokenizer refuses with a TypeError.
+    """
+    return utf8_text(read_stdin_bytes(), "stdin")
+
+
+def read_stdin_bytes() -> bytes:
+    """All of stdin as bytes (a text-only stdin, as in tests, is encoded back, its surrogates kept for utf8_text)."""
+    if hasattr(sys.stdin, "buffer"):
+        return sys.stdin.buffer.read()
     try:
-        return sys.stdin.read()
-    except UnicodeDecodeError:
+        return sys.stdin.read().encode("utf-8", "surrogateescape")
+    except UnicodeError:
         raise UsageError("stdin is not UTF-8 text") from None
+
+
+def utf8_text(raw: bytes, where: str) -> str:
+    """Strict UTF-8, or a usage error that says where the first bad byte is."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{where} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
 
 
 def read_text(path: Path) -> str:

@@ -27,7 +27,7 @@ from .common import (
     load_for_cli,
     model_path,
     read_prompt,
-    read_stdin,
+    read_stdin_bytes,
     read_text,
     seed_option,
     set_threads,
@@ -78,6 +78,11 @@ def generate(
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Timings and tokens/s on stderr."),
     threads: Optional[int] = ThreadsOpt,
+    max_request_logits: Optional[int] = typer.Option(
+        None, "--max-request-logits", metavar="N",
+        help="With --jsonl: most logits one line may score per step (candidates x K x vocabulary); more is that line's "
+        "error. Default: what 16 rows at --samples cost.",
+    ),
 ) -> None:
     """Continue PROMPT with a CALM model (or a token-level baseline)."""
     from ..runtime.settings import (
@@ -95,6 +100,8 @@ def generate(
         raise UsageError("--jsonl reads prompts from stdin or -f FILE, not from PROMPT")
     if max_batch is not None and max_batch < 1:
         raise UsageError("--max-batch must be at least 1")
+    if max_request_logits is not None and max_request_logits < 1:
+        raise UsageError("--max-request-logits must be at least 1")
     lines = _jsonl_input(file) if jsonl else []
     text = "" if jsonl else _with_system(system, _generate_prompt(prompt, file))
     directory = model_path(model)  # a wrong model is reported before torch loads
@@ -112,7 +119,10 @@ def generate(
     engine = Engine(calm, max_batch=max_batch if jsonl else 1, compile=compile, candidate_decoder=candidate_decoder,
                     candidate_dtype=candidate_dtype)
     if jsonl:
-        failed = _run_jsonl(engine, calm.tokenizer, lines, settings, stop, system, verbose)
+        from ..runtime.budget import default_request_logits
+
+        budget = max_request_logits or default_request_logits(samples, engine.k, engine.config.vocab_size)
+        failed = _run_jsonl(engine, calm.tokenizer, lines, settings, stop, system, verbose, budget)
         if failed:
             raise typer.Exit(1)
         return
@@ -178,12 +188,21 @@ def _with_system(system: Optional[str], text: str) -> str:
 
 
 def _jsonl_input(file: Optional[Path]) -> list[str]:
-    """Split on '\n' only: JSON strings may hold other line separators (U+2028) raw."""
+    """Split on '\n' only: JSON strings may hold other line separators (U+2028) raw.
+
+    Split as bytes and decoded line by line, so a line that is not UTF-8 costs only itself:
+    its bad bytes stay as lone surrogates for `_jsonl_request` to report.
+    """
     if file is not None:
-        return read_text(file).split("\n")
-    if sys.stdin is None or sys.stdin.isatty():
+        try:
+            raw = file.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"{file}: {exc.strerror or exc}") from None
+    elif sys.stdin is None or sys.stdin.isatty():
         raise UsageError("--jsonl reads JSON lines from stdin or -f FILE")
-    return read_stdin().split("\n")
+    else:
+        raw = read_stdin_bytes()
+    return [line.decode("utf-8", "surrogateescape") for line in raw.split(b"\n")]
 
 
 JSONL_FIELDS = {  # key: (GenerationSettings field, type, valid, wording)
@@ -198,6 +217,11 @@ def _jsonl_request(line: str, defaults: GenerationSettings) -> tuple[str, Genera
     """One --jsonl line -> (prompt, settings); ValueError says what is wrong with it."""
     from dataclasses import replace
 
+    from ..io.tokenizer import SURROGATE
+
+    bad = SURROGATE.search(line)
+    if bad is not None:
+        raise ValueError(f"the line is not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x} at column {bad.start() + 1})")
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -221,7 +245,7 @@ def _jsonl_request(line: str, defaults: GenerationSettings) -> tuple[str, Genera
 
 def _run_jsonl(
     engine: Engine, tokenizer: Optional[Tokenizer], lines: list[str], defaults: GenerationSettings, stop: list[str],
-    system: Optional[str], verbose: bool,
+    system: Optional[str], verbose: bool, max_logits: int,
 ) -> int:
     """Answer every JSON line through the engine's slots and write the results in input order as they complete.
 
@@ -239,6 +263,10 @@ def _run_jsonl(
         echo = _jsonl_id(lines[n - 1])
         try:
             prompt, settings = _jsonl_request(lines[n - 1], defaults)
+            cost = engine.step_logits(settings)
+            if cost > max_logits:
+                raise ValueError(f"this line would score {cost:,} logits per step (candidates x K x vocabulary), over "
+                                 f"the limit of {max_logits:,} (--max-request-logits)")
             request = engine.submit(tok_encode(tokenizer, _with_system(system, prompt)), settings)
         except (ValueError, UsageError) as exc:
             results[n] = {"error": str(exc), "line": n, **echo}

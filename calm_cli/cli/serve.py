@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from ..errors import CalmError, UsageError
+from ..runtime.settings import DEFAULT_MAX_BODY_BYTES
 from .common import (
     CandidateDecoderOpt,
     CandidateDtypeOpt,
@@ -63,6 +64,12 @@ def serve(
         "before the port opens, so no request waits for a compile.",
     ),
     threads: Optional[int] = ThreadsOpt,
+    max_request_logits: Optional[int] = typer.Option(
+        None, "--max-request-logits", metavar="N",
+        help="Most logits one request may score per step (rows x candidates x K x vocabulary); more is a 400. "
+        "Default: what 16 rows at --samples cost.",
+    ),
+    max_body_bytes: int = typer.Option(DEFAULT_MAX_BODY_BYTES, "--max-body-bytes", metavar="N", help="Largest request body; more is a 413."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics).
 
@@ -84,6 +91,8 @@ def serve(
         raise UsageError("--max-queue must be at least 0")
     if max_batch is not None and max_batch < 1:
         raise UsageError("--max-batch must be at least 1")
+    if (max_request_logits is not None and max_request_logits < 1) or max_body_bytes < 1:
+        raise UsageError("--max-request-logits and --max-body-bytes must be at least 1")
     defaults = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler)
     check_settings(defaults)
     check_candidate_decoder(candidate_decoder)
@@ -108,7 +117,8 @@ def serve(
     worker = EngineWorker(engine)
     config = ServeConfig(
         model_name=name or model_label(path), defaults=defaults, max_queue=max_queue, api_key=api_key,
-        template=template or DEFAULT_TEMPLATE, threads=threads_used,
+        template=template or DEFAULT_TEMPLATE, threads=threads_used, max_request_logits=max_request_logits,
+        max_body_bytes=max_body_bytes,
     )
     app = create_app(worker, loaded.tokenizer, config)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -145,11 +155,11 @@ def serve(
 
 
 def _exit_if_busy(worker: EngineWorker) -> None:
-    """End the process at once, with exit code 0, if the engine thread is still in a compile.
+    """End the process at once, with exit code 0, if the engine thread is still in a compile or a step.
 
-    Finalising the interpreter while that thread runs inside torch's C++ code can abort
-    the process ("terminate called without an active exception"), so it skips
-    finalisation, after flushing what was printed.
+    Neither can be interrupted, and finalising the interpreter while that thread runs inside
+    torch's C++ code can abort the process ("terminate called without an active
+    exception"), so it skips finalisation, after flushing what was printed.
     """
     if worker.running:
         sys.stdout.flush()

@@ -87,9 +87,23 @@ class Attention(nn.Module):
             v = v.repeat_interleave(groups, dim=1)
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1)
+        elif length == 1:
+            out = decode_attention(q, k, v, mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row, [B, heads, 1, D] over [B, heads, S, D], as plain products and a softmax.
+
+    Not `scaled_dot_product_attention`: with more than one CPU thread its kernel splits the
+    keys differently for another number of rows, so a row's output would depend on how many
+    requests share the step (README "One engine"). Here every row and head is its own
+    product, reduced over its own keys in the same order whatever the batch.
+    """
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
 
 
 class DecoderLayer(nn.Module):

@@ -14,8 +14,9 @@ samplers add theirs where the work is data-dependent (the fast candidate decoder
 rescoring, the exact sampler's rounds, a first chunk after leftover prompt tokens with no
 matching candidate). Each request has
 its own random stream from its own seed (`RowRandom`), so its output depends on its
-prompt, settings and seed, not on what else is in the batch (exactly so with the float32
-candidate path; bf16 pools can round a row differently in a batch and flip a near-tie).
+prompt, settings and seed, not on what else is in the batch. The backbone step runs on a
+multiple of ROW_QUANTUM rows, so a row's hidden state is bitwise the same alone and beside
+others (README "One engine for every request" says what else holds).
 
 Prompts whose length is not a multiple of K: the authors right-pad with PAD, a token the
 model never saw in training. We prefill the prompt's whole chunks and keep the r < K
@@ -41,13 +42,17 @@ from ..errors import UsageError
 from ..models.backbone import KVCache
 from ..models.baseline import TokenTransformer
 from ..models.calm import CALM
+from .budget import logit_elements, step_candidates
 from .rng import RowRandom, mix64, new_seed
-from .runners import Runner, make_runner
+from .runners import CALMRunner, Runner, make_runner
 from .sampling import SamplingStats
 from .settings import GenerationSettings, check_settings
 
 PREFILL_PIECE = 256  # steps of a prompt prefilled per backbone call: bounds prefill memory
 SPAN_QUANTUM = 64  # attention reads the cache up to the longest row, rounded up to this
+# Backbone steps run on a multiple of this many rows: CPU float32 GEMMs (oneDNN/MKL) round a row differently
+# for 1-3 rows, and for 5-7 or 9-11 at some thread counts, than for any multiple of 4 (README "One engine").
+ROW_QUANTUM = 4
 DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 64}
 _ids = itertools.count(1)
 
@@ -187,19 +192,21 @@ class Engine:
         self.max_batch = max_batch or default_max_batch(self.device)
         if self.max_batch < 1:
             raise UsageError("--max-batch must be at least 1")
+        # Rows of the cache and of every per-slot tensor: the slots, and scratch rows that pad a step to ROW_QUANTUM.
+        self.rows = -(-self.max_batch // ROW_QUANTUM) * ROW_QUANTUM
         self.eos = model.config.eos_token_id
         # Padding a CALM chunk may decode to; None keeps every token (a token model's draw is always kept).
         self.pad = model.config.pad_token_id if self.runner.chunks_hold_padding else None
-        self.cache: KVCache = self.runner.new_cache(self.max_batch)
-        self.hidden = torch.zeros(self.max_batch, model.config.hidden_size, dtype=param.dtype, device=self.device)
+        self.cache: KVCache = self.runner.new_cache(self.rows)
+        self.hidden = torch.zeros(self.rows, model.config.hidden_size, dtype=param.dtype, device=self.device)
         self.rng = RowRandom(
-            torch.zeros(self.max_batch, dtype=torch.long, device=self.device),
-            torch.zeros(self.max_batch, dtype=torch.long, device=self.device),
+            torch.zeros(self.rows, dtype=torch.long, device=self.device),
+            torch.zeros(self.rows, dtype=torch.long, device=self.device),
         )
         self.slots: list[Request | None] = [None] * self.max_batch
         self.lengths = [0] * self.max_batch  # steps in each slot's cache, on the host
-        self.write_at = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)  # the same, on the device
-        self.busy_mask = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+        self.write_at = torch.zeros(self.rows, dtype=torch.long, device=self.device)  # the same, on the device
+        self.busy_mask = torch.zeros(self.rows, dtype=torch.long, device=self.device)
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
         self.prefixes: list[list[int] | None] = [None] * self.max_batch
         self.sampling = SamplingStats()
@@ -238,6 +245,12 @@ class Engine:
             live = list(self._live.values())
         for request in live:
             self.cancel(request, reason)
+
+    def step_logits(self, settings: GenerationSettings, rows: int = 1) -> int:
+        """Logits `rows` requests with these settings score per step at most: the cost a server budgets before it runs."""
+        pooled = isinstance(self.runner, CALMRunner)
+        candidates = step_candidates(settings.temperature, settings.num_samples, settings.sampler) if pooled else 1
+        return logit_elements(rows, candidates, self.k, self.config.vocab_size)
 
     @property
     def queued(self) -> int:
@@ -281,7 +294,7 @@ class Engine:
         return updates
 
     def _decode(self, busy: list[int], updates: list[Update]) -> None:
-        rows = max(busy) + 1  # slots are filled lowest first, so this stays small when few are busy
+        rows = self._step_rows(max(busy) + 1)
         chosen = torch.full((rows, self.k), self.eos if self.eos is not None else 0, dtype=torch.long, device=self.device)
         for members, settings, prefixes in self._groups(busy):
             index = self._index(members)
@@ -303,13 +316,13 @@ class Engine:
     def warm_up_shapes(self) -> list[tuple[int, int]]:
         """(rows, span) pairs whose graphs serve every step this engine can take.
 
-        Rows run from 1 to max_batch and the span over the multiples of SPAN_QUANTUM up to
-        the context. Torch specialises one row and a span of the whole cache (the slice is
-        then the buffer itself), and starts every other size static; the smallest, next and
-        largest of each, smallest first, make it compile those specialisations and the
-        symbolic graphs that cover everything in between.
+        Rows run over the multiples of ROW_QUANTUM up to the cache's rows (`_step_rows`) and
+        the span over the multiples of SPAN_QUANTUM up to the context. Torch specialises a
+        span of the whole cache (the slice is then the buffer itself) and starts every other
+        size static; the smallest, next and largest of each, smallest first, make it compile
+        those specialisations and the symbolic graphs that cover everything in between.
         """
-        rows = sorted({1, min(2, self.max_batch), self.max_batch})
+        rows = sorted({self._step_rows(1), self._step_rows(ROW_QUANTUM + 1), self.rows})
         spans = sorted({min(self.context, SPAN_QUANTUM * j) for j in range(1, -(-self.context // SPAN_QUANTUM) + 1)})
         return [(r, s) for s in sorted({spans[0], spans[min(1, len(spans) - 1)], spans[-1]}) for r in rows]
 
@@ -333,6 +346,12 @@ class Engine:
         if self.compile_watch is not None:
             self.compile_watch.seal()
         return True
+
+
+    def _step_rows(self, used: int) -> int:
+        """Rows the step runs on: those up to the highest busy slot (slots fill lowest first, so few when few are
+        busy), rounded up to ROW_QUANTUM so that a row's hidden state does not depend on how many others there are."""
+        return min(self.rows, -(-used // ROW_QUANTUM) * ROW_QUANTUM)
 
     def _index(self, members: list[int]) -> torch.Tensor:
         """The device index of a group of slots, made once per membership (a copy to the device is a sync on CUDA)."""

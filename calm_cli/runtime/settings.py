@@ -15,6 +15,7 @@ CANDIDATE_DECODERS = ("dense", "fast")
 CANDIDATE_DTYPES = ("auto", "float32", "bf16")
 MAX_SEED = (1 << 63) - 1  # seeds are 0 <= seed < 2^63, as torch.Generator.manual_seed takes them
 SAMPLES_LIMIT = 2**20  # more candidate chunks per step than memory holds would end in an allocation failure
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20  # `calm serve`: a 128k-token prompt is about 0.5 MB; a JSON escape takes 6 bytes a character
 
 
 @dataclass(frozen=True)

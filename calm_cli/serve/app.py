@@ -5,6 +5,13 @@ Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/comp
 server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. Errors use
 OpenAI's shape {"error": {"message", "type", "param", "code"}}.
 
+Before a handler runs, `Guard` (serve/guard.py) checks the API key and the body's size.
+Every request is priced before it runs (logits per step = rows x candidates x K x
+vocabulary, runtime/budget.py) and refused with a 400 over the server's budget; fields
+that would change the output and that CALM cannot honour are refused by name
+(`UNSUPPORTED`). Tokenizing and template rendering run on a worker thread, so the event
+loop only does I/O. Lone surrogates (valid JSON, not Unicode text) become U+FFFD.
+
 What CALM changes: `temperature` is in [0, 1] (CALM samples T = 1/n by rejection from a
 sampler with no likelihoods, so it cannot flatten beyond T = 1); `logprobs` are refused
 for the same reason; `samples` and `sampler` are CALM's own extras, and `ignore_eos`
@@ -22,9 +29,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import (
@@ -35,18 +42,21 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException
 from tokenizers import Tokenizer
 
 from ..errors import UsageError
-from ..io.tokenizer import encode
+from ..io.tokenizer import encode_released, replace_surrogates
+from ..runtime.budget import default_request_logits
 from ..runtime.chat import DEFAULT_TEMPLATE, Conversation, Template, Turn
-from ..runtime.engine import PromptTooLong, Update
+from ..runtime.engine import Engine, PromptTooLong, Update
 from ..runtime.engine import Request as EngineRequest
-from ..runtime.settings import MAX_SEED, SAMPLES_LIMIT, GenerationSettings
+from ..runtime.settings import DEFAULT_MAX_BODY_BYTES, MAX_SEED, SAMPLES_LIMIT, GenerationSettings
 from ..runtime.text import TextStream
 from ..runtime.threads import ThreadChoice
+from .guard import Guard, error_body
 from .worker import EngineFailed, EngineWorker
 
 log = logging.getLogger("calm.serve")
@@ -55,6 +65,18 @@ MAX_CHOICES = 16
 MAX_STOPS = 4
 DISCONNECT_CHECK_S = 0.1  # how often a non-streaming handler asks whether its client is still there
 SHUTDOWN_GRACE_S = 3.0  # below uvicorn's graceful-shutdown limit (5 s) in cli/serve.py
+STOP_WAIT_S = 1.0  # how long shutdown waits for a step in flight; `calm serve` then exits under it (cli/serve.py)
+HTTP_CODES = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+# OpenAI fields that would change the output and that CALM cannot apply, with the values that change nothing.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+    "response_format": ({"type": "text"},), "top_p": (1,), "presence_penalty": (0,), "frequency_penalty": (0,),
+    "repetition_penalty": (1,), "logit_bias": ({},), "top_logprobs": (0,), "best_of": (1,), "suffix": ("",),
+    "top_k": (-1, 0), "min_p": (0,), "prediction": (), "audio": (), "modalities": (["text"],), "guided_json": (),
+    "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+}
+
+Text = Annotated[str, AfterValidator(replace_surrogates)]  # prompts, messages and stops: as most servers do
 
 
 class ApiError(Exception):
@@ -74,14 +96,18 @@ class StreamOptions(BaseModel):
 
 
 class Options(BaseModel):
-    """Fields both endpoints take. Strict: a string where a number belongs is a 400, not a guess."""
+    """Fields both endpoints take. Strict: a string where a number belongs is a 400, not a guess.
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    Unknown fields are kept (`extra="allow"`) so that `refuse_unsupported` can name the
+    ones CALM cannot honour; the others (`user`, `metadata`, ...) change nothing.
+    """
+
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -92,20 +118,20 @@ class Options(BaseModel):
 
 
 class CompletionBody(Options):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     echo: bool = False
 
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
 
     @property
     def text(self) -> str:
@@ -128,6 +154,8 @@ class ServeConfig:
     template: str = DEFAULT_TEMPLATE
     completion_max_tokens: int = 16  # OpenAI's default for /v1/completions
     threads: ThreadChoice | None = None  # decided once at start; /health says it
+    max_request_logits: int | None = None  # the per-step cost a request may have; None: default_request_logits
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
 class Metrics:
@@ -183,19 +211,29 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
     engine = worker.engine
     template = Template.parse(config.template)
     created = int(time.time())
+    budget = config.max_request_logits or default_request_logits(
+        config.defaults.num_samples, engine.k, engine.config.vocab_size
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         worker.start()
         yield
-        await asyncio.to_thread(worker.stop)
+        await asyncio.to_thread(worker.stop, STOP_WAIT_S)
 
     app = FastAPI(title="calm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
+                       on_refuse=lambda status: metrics.errors.labels(str(status)).inc())
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         metrics.errors.labels(str(exc.status)).inc()
         return exc.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        metrics.errors.labels(str(exc.status_code)).inc()
+        return http_error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -203,20 +241,15 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
         where = [str(part) for part in first.get("loc", ()) if part != "body"]
         if first.get("type") == "json_invalid":
             error = ApiError(400, "the request body is not valid JSON", code="invalid_json")
+        elif tuple(first.get("loc", ())) == ("body",):
+            error = ApiError(400, "the request body must be a JSON object, sent with 'Content-Type: application/json'",
+                             code="invalid_json")
         else:
             param = where[0] if where else None
             field = ".".join(where) or "body"
             error = ApiError(400, f"{field}: {first.get('msg', 'invalid value')}", param=param, code="invalid_value")
         metrics.errors.labels("400").inc()
         return error.response()
-
-    def check_key(request: Request) -> None:
-        """A dependency, so a wrong key is refused before the body is read."""
-        if config.api_key is None:
-            return
-        if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
-            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", "authentication_error",
-                           code="invalid_api_key")
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -239,7 +272,7 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
     def failed_in_flight(choices: list[Choice]) -> bool:
         return worker.failure is not None and any(c.finish_reason == "error" for c in choices)
 
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [
             {"id": config.model_name, "object": "model", "created": created, "owned_by": "calm",
@@ -250,7 +283,8 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
     async def metrics_text() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def settings_for(body: Options, max_tokens: int | None) -> list[GenerationSettings]:
+    def settings_for(body: Options, max_tokens: int | None, prompts: int) -> list[GenerationSettings]:
+        """Each choice's settings, once the request is known to be one this server can answer and afford."""
         if body.model != config.model_name:
             raise ApiError(404, f"model '{body.model}' does not exist; this server has '{config.model_name}'",
                            param="model", code="model_not_found")
@@ -270,6 +304,13 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
             seed=body.seed,
             ignore_eos=body.ignore_eos,
         )
+        refuse_unsupported(body)
+        capacity = engine.max_batch + config.max_queue
+        if prompts * body.n > capacity:
+            raise ApiError(400, f"this request asks for {prompts * body.n} completions (prompts x n); this server takes at "
+                           f"most {capacity} at once (--max-batch {engine.max_batch} + --max-queue {config.max_queue})",
+                           param="n" if prompts == 1 else "prompt", code="too_many_completions")
+        check_cost(engine, base, prompts * body.n, budget, "samples" if body.samples else "n")
         return [base if body.seed is None else replace(base, seed=(body.seed + i) % (MAX_SEED + 1)) for i in range(body.n)]
 
     def stops_of(body: Options) -> list[str]:
@@ -284,7 +325,8 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
         """Submit one engine request per prompt and choice; updates arrive on the returned queue."""
         count = len(prompts) * len(settings)
         if engine.active + engine.queued + count > engine.max_batch + config.max_queue:
-            raise ApiError(429, f"the server is busy: {engine.active} requests decoding and {engine.queued} waiting "
+            raise ApiError(429, f"the server is busy: {engine.active} requests decoding and {engine.queued} waiting, "
+                           f"{count} more do not fit "
                            f"(--max-batch {engine.max_batch}, --max-queue {config.max_queue})", "rate_limit_error",
                            code="queue_full")
         loop = asyncio.get_running_loop()
@@ -390,15 +432,15 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
         # On shutdown the requests are cancelled first; the grace period lets their streams end with a last chunk.
         return EventSourceResponse(events(), ping=15, shutdown_grace_period=SHUTDOWN_GRACE_S)
 
-    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: Request) -> Any:
         started = time.perf_counter()
-        settings = settings_for(body, body.max_tokens or config.completion_max_tokens)
-        stops = stops_of(body)
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not texts:
             raise ApiError(400, "prompt must not be empty", param="prompt", code="invalid_value")
-        prompts = [encode(tokenizer, text) for text in texts]
+        settings = settings_for(body, body.max_tokens or config.completion_max_tokens, len(texts))
+        stops = stops_of(body)
+        prompts = await asyncio.to_thread(encode_released, tokenizer, texts)
         choices, updates = await run(http, "completions", prompts, settings, stops)
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": config.model_name}
@@ -423,14 +465,14 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
             for i, c in enumerate(choices)
         ], "usage": usage(prompts, choices)}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, http: Request) -> Any:
         started = time.perf_counter()
-        settings = settings_for(body, body.max_completion_tokens or body.max_tokens)
+        settings = settings_for(body, body.max_completion_tokens or body.max_tokens, 1)
         stops = stops_of(body)
         if template.stop:
             stops.append(template.stop)
-        prompts = [encode(tokenizer, conversation_prompt(template, body.messages))]
+        prompts = await asyncio.to_thread(lambda: encode_released(tokenizer, [conversation_prompt(template, body.messages)]))
         choices, updates = await run(http, "chat", prompts, settings, stops)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": config.model_name}
@@ -461,6 +503,35 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
         ], "usage": usage(prompts, choices)}
 
     return app
+
+
+def http_error_response(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own errors (no route, wrong method, a body over the limit) in OpenAI's shape."""
+    code = HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+    message = {400: "the request body is not UTF-8 JSON", 404: f"no such endpoint: {request.method} {request.url.path}",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+    body = error_body(message, "invalid_request_error", code)
+    return Response(body, status_code=exc.status_code, media_type="application/json", headers=exc.headers)
+
+
+def refuse_unsupported(body: Options) -> None:
+    """A 400 naming the first field CALM cannot honour, unless it is null or has the value that changes nothing."""
+    for name, value in (body.model_extra or {}).items():
+        if name in UNSUPPORTED and value is not None and value not in UNSUPPORTED[name]:
+            raise ApiError(400, f"'{name}' is not supported by this server (CALM cannot apply it)", param=name,
+                           code="unsupported_parameter")
+
+
+def check_cost(engine: Engine, settings: GenerationSettings, rows: int, limit: int, param: str) -> None:
+    """A 400 for a request whose step would score more logits than the server's budget, before anything runs."""
+    logits = engine.step_logits(settings, rows)
+    if logits > limit:
+        candidates = logits // (rows * engine.k * engine.config.vocab_size)
+        shape = (f"{rows} row{'s' if rows > 1 else ''} x {candidates:,} candidates x K {engine.k} "
+                 f"x vocabulary {engine.config.vocab_size:,}")
+        raise ApiError(400, f"this request would score {logits:,} logits per step ({shape}), over this server's limit of "
+                       f"{limit:,} (--max-request-logits): ask for fewer samples or choices", param=param,
+                       code="request_too_costly")
 
 
 def conversation_prompt(template: Template, messages: list[Message]) -> str:

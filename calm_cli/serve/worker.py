@@ -51,7 +51,7 @@ class EngineWorker:
 
     @property
     def running(self) -> bool:
-        """Whether the thread is still alive (after `stop`: stuck in a compile)."""
+        """Whether the thread is still alive (after `stop`: in a compile, or a step that outlasted its timeout)."""
         return self._thread.is_alive()
 
     def wait_settled(self, timeout: float) -> bool:
