@@ -413,7 +413,10 @@ def run_bench(
                 rows.append(row)
                 using = f" {row['candidate_decoder']} decoder, {row['candidate_dtype']}" if row["kind"] == "calm" else ""
                 using += ", compiled" if row["compile"] else ""
-                progress(f"  {row['kind']} K={row['K']}{using}: {row['decode_tok_s']:.1f} decode tok/s")
+                # Each row's figures as it lands, warm-up (the compile, when compiled) included: a run cut short
+                # by a time limit has lost its JSON, not these lines.
+                progress(f"  {row['kind']} K={row['K']}{using}: {row['decode_tok_s']:.1f} decode tok/s, "
+                         f"step p50 {row['step_ms_p50']:.2f} ms, peak {row['peak_mem_mb']:.0f} MB, warm-up {row['warmup_s']:.1f} s")
     baseline = {(r["batch"], r["temp"], r["compile"]): r["decode_tok_s"] for r in rows if r["kind"] == "baseline"}
     for r in rows:
         if r["kind"] == "calm":
