@@ -28,14 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calm_cli.runtime.budget import logit_budget, logit_elements  # noqa: E402
-
-
-def rss_peak_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+from leftover_memory import rss_peak_mb  # noqa: E402  (benchmarks/ is this script's folder, first on sys.path)
 
 
 def measure(args: argparse.Namespace) -> dict:
