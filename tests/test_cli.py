@@ -86,7 +86,7 @@ def test_encode_decode_roundtrip(tmp_path, fixtures):
 def test_bundled_autoencoder_gives_the_text_back(tmp_path):
     """`calm encode "ab" | calm decode -` printed "-ab": BOS came back as a character."""
     lines = run_calm("encode", "ab")
-    assert lines.returncode == 0, lines.stderr
+    assert lines.returncode == 0 and "warning" not in lines.stderr, lines.stderr
     assert run_calm("decode", "-", input=lines.stdout).stdout == "ab\n"
     out = tmp_path / "z.safetensors"
     assert run_calm("encode", "Hi.", "--out", str(out)).returncode == 0
@@ -175,3 +175,21 @@ def test_closed_pipe_is_quiet():
     )
     assert proc.returncode == 0 and len(proc.stdout) == 20
     assert b"Traceback" not in proc.stderr and b"Error" not in proc.stderr
+
+
+def test_encode_warns_when_the_latents_lose_text():
+    """The bundled autoencoder knows English text; a lossy round trip says so and where, and still exits 0."""
+    text = "naïve café — 東京 🙂"
+    lines = run_calm("encode", text)
+    assert lines.returncode == 0, lines.stderr
+    warning = [line for line in lines.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "of 21 tokens" in warning[0] and "first lost: 'ï'" in warning[0], lines.stderr
+    assert run_calm("decode", "-", input=lines.stdout).stdout != text + "\n"
+
+
+def test_an_empty_pipe_is_no_prompt_but_an_explicit_empty_one_is():
+    r = run_calm("generate", "-n", "4", "-m", MODEL)  # run_calm pipes an empty stdin
+    assert r.returncode == 2 and r.stderr.strip() == "error: no prompt: stdin was empty (give PROMPT, or '' for none)"
+    assert run_calm("generate", "-", "-n", "4", "-m", MODEL).returncode == 2
+    r = run_calm("generate", "", "-n", "4", "--seed", "1", "-m", MODEL)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr

@@ -194,3 +194,45 @@ def test_a_model_without_a_tokenizer_does_not_inherit_the_old_one(tmp_path) -> N
         save_model(model, tmp_path / "m")
     save_model(model, tmp_path / "fresh")
     assert not (tmp_path / "fresh" / "tokenizer.json").exists()
+
+
+def test_the_next_write_removes_temporaries_of_killed_writers_only(tmp_path) -> None:
+    """A kill -9 leaves `.name.PID.x.tmp`; the next write of `name` deletes it, but not a live writer's or another file."""
+    from calm_cli.io.atomic import write_text_atomic
+
+    dead = subprocess_pid_that_exited()
+    orphan = tmp_path / f".train.bin.{dead}.abc123.tmp"
+    live = tmp_path / f".train.bin.{os.getpid()}.def456.tmp"
+    other = tmp_path / f".heldout.bin.{dead}.abc123.tmp"
+    unrelated = tmp_path / ".train.bin.notapid.tmp"
+    for path in (orphan, live, other, unrelated):
+        path.write_text("partial")
+    write_text_atomic(tmp_path / "train.bin", "whole")
+    assert (tmp_path / "train.bin").read_text() == "whole"
+    assert not orphan.exists() and live.exists() and other.exists() and unrelated.exists()
+
+
+def subprocess_pid_that_exited() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_data_prepare_refuses_a_folder_it_did_not_write(tmp_path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one document\\n\\nanother one\\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    r = run_calm("data", "prepare", str(corpus), "--tokenizer", "tests/fixtures/official-tiny/calm/tokenizer.json", "--out", str(out))
+    assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    forced = run_calm("data", "prepare", str(corpus), "--tokenizer", "tests/fixtures/official-tiny/calm/tokenizer.json",
+                      "--out", str(out), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert (out / "notes.txt").read_text() == "mine" and (out / "manifest.json").exists()
+    again = run_calm("data", "prepare", str(corpus), "--tokenizer", "tests/fixtures/official-tiny/calm/tokenizer.json", "--out", str(out))
+    assert again.returncode == 0, again.stderr  # its own earlier output: no --force needed

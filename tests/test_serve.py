@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import httpx
 import openai
 import pytest
-from helpers import calm_command
+from helpers import calm_command, run_calm
 
 MODEL = "tests/fixtures/official-tiny/calm"
 NAME = "calm"  # the fixture folder's name, which the server uses as the model id
@@ -260,3 +260,13 @@ def test_fuzzed_bodies_get_an_answer_never_a_server_error(live: str, endpoint: s
     if r.status_code != 200:
         error = r.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def test_a_busy_port_is_one_error_line_before_any_banner() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run_calm("serve", "-m", "tests/fixtures/official-tiny/calm", "--port", str(port), "--device", "cpu", timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.splitlines() == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use"], r.stderr

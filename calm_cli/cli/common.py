@@ -112,7 +112,10 @@ def read_prompt(prompt: Optional[str]) -> str:
     """PROMPT, or stdin for '-' or no argument; piped stdin plus an argument gives stdin first, then the argument."""
     piped = not sys.stdin.isatty() if sys.stdin else False
     if prompt == "-" or (prompt is None and piped):
-        return read_stdin()
+        text = read_stdin()
+        if not text:  # an empty pipe is a mistake more often than a wish; '' asks for no prompt explicitly
+            raise UsageError("no prompt: stdin was empty (give PROMPT, or '' for none)")
+        return text
     if prompt is None:
         raise UsageError("no prompt: give PROMPT, '-' or pipe text on stdin")
     if piped and prompt:

@@ -22,6 +22,7 @@ def data_prepare(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory: train.bin, heldout.bin, manifest.json."),
     tokenizer: Path = typer.Option(..., "--tokenizer", help="tokenizer.json to encode with (copied into --out)."),
     heldout: float = typer.Option(0.01, "--heldout", help="Fraction of documents held out, chosen by a hash of each document."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty folder that holds no earlier prepare (its other files are left alone)."),
 ) -> None:
     """Tokenise documents into memory-mapped train/held-out token files."""
     import shutil
@@ -31,6 +32,11 @@ def data_prepare(
 
     if not 0.0 < heldout < 1.0:
         raise UsageError("--heldout must be between 0 and 1")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: a file is in the way")
+    # As convert refuses a folder that holds no model: a folder with other things in it is probably not ours.
+    if out.is_dir() and not force and not (out / "manifest.json").exists() and any(out.iterdir()):
+        raise UsageError(f"--out {out}: not empty and not an earlier 'calm data prepare' output (use --force to write into it)")
     manifest = prepare_data(sources, tokenizer, out, heldout_fraction=heldout)
     if tokenizer.resolve() != (out / "tokenizer.json").resolve():
         with atomic_path(out / "tokenizer.json") as tmp:

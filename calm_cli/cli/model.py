@@ -68,7 +68,7 @@ def encode(
     JSON lines on stdout ({"tokens", "mean", "log_std"} per chunk), or one .safetensors file with --out.
     """
     from ..io.checkpoint import load_autoencoder
-    from ..runtime.latents import encode_text, reconstruction, tokenizer_of
+    from ..runtime.latents import encode_text, first_lost_span, reconstructed, reconstruction, tokenizer_of
 
     set_threads(threads)
     ae = load_autoencoder(model_path(model), tokenizer=str(tokenizer) if tokenizer else None)
@@ -79,6 +79,10 @@ def encode(
         sys.stdout.write(json.dumps({"tokens": n, "correct": correct, "accuracy": correct / n}) + "\n")
         return
     encoded = encode_text(ae, source)
+    ok = reconstructed(ae, encoded)
+    if (lost := first_lost_span(ae, source, ok)) is not None:
+        err.print(f"warning: the latents give back {int(ok.sum())} of {ok.numel()} tokens, so decoding them loses text "
+                  f"(first lost: {lost!r})", soft_wrap=True, markup=False)
     k = ae.config.patch_size
     if out is not None:
         import torch

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from typing import TYPE_CHECKING, Optional
@@ -99,6 +100,7 @@ def serve(
     check_candidate_dtype(candidate_dtype)
     Template.parse(template or DEFAULT_TEMPLATE)
     path = model_path(model)
+    listener = _bind(host, port)  # before anything loads: a busy port is one line, not a banner and then a crash
     threads_used = set_threads(threads)  # once, for the server's life
     loaded = load_for_cli(str(path), device, dtype)
     import uvicorn  # the server's packages and torch load only once the arguments are good
@@ -145,13 +147,29 @@ def serve(
     # uvicorn raises the stop signal again once it has shut down; it lands here, so the exit code is 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.run()
+        server.run(sockets=[listener])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if not server.started:
         raise CalmError(f"could not listen on {host}:{port}")
     _exit_if_busy(worker)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound but not listening: connections are refused until uvicorn listens after warm-up."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise CalmError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+    except OSError as exc:
+        listener.close()
+        raise CalmError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return listener
 
 
 def _exit_if_busy(worker: EngineWorker) -> None:

@@ -2,7 +2,9 @@
 
 A file is written under a temporary name in its own folder and renamed over the target
 only when writing succeeded, so a crash, Ctrl-C or `kill -9` leaves the old file (or none),
-never half of one. The temporary name starts with a dot and ends in `.tmp`.
+never half of one. The temporary name is `.{target}.{pid}.{random}.tmp`; a `kill -9` leaves
+it behind, and the next write of the same target removes those whose process is gone (only
+names of that pattern, never a file a live process is writing).
 
 A set of files that must change together (a model's config, weights and tokenizer) goes
 through `replace_files`, which stages them and commits with a journal; readers find the
@@ -12,6 +14,7 @@ current version of each with `current_file`.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -27,12 +30,35 @@ def usual_mode(path: Path) -> None:
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_orphans(target: Path) -> list[Path]:
+    """Delete the temporary files of `target` left by killed writers (their pid is gone); return them."""
+    prefix = f".{target.name}."
+    removed = []
+    for candidate in target.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid, _, rest = candidate.name[len(prefix):].partition(".")
+        if pid.isdigit() and rest and not _process_alive(int(pid)):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary sibling of `path` to write; renamed over `path` only if the block succeeds."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_orphans(target)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
     try:

@@ -76,14 +76,35 @@ def ids_to_text(ae: Autoencoder, ids: list[int]) -> str:
     return tokenizer_of(ae).decode(ids, skip_special_tokens=True)
 
 
-def reconstruction(ae: Autoencoder, text: str) -> tuple[int, int]:
-    """(text tokens, how many of them the posterior mean reconstructs in place)."""
-    encoded = encode_text(ae, text)
+def reconstructed(ae: Autoencoder, encoded: Encoded) -> Tensor:
+    """Per text token, whether the posterior mean decodes back to it in place (bool [tokens])."""
     parameter = next(ae.parameters())
     with torch.inference_mode():
         recon = ae.decode_tokens(encoded.mean.to(parameter.device)).reshape(-1).cpu()
     n = len(encoded.ids)
-    return n, int((recon[:n] == torch.tensor(encoded.ids, dtype=recon.dtype)).sum())
+    return recon[:n] == torch.tensor(encoded.ids, dtype=recon.dtype)
+
+
+def reconstruction(ae: Autoencoder, text: str) -> tuple[int, int]:
+    """(text tokens, how many of them the posterior mean reconstructs in place)."""
+    ok = reconstructed(ae, encode_text(ae, text))
+    return ok.numel(), int(ok.sum())
+
+
+def first_lost_span(ae: Autoencoder, text: str, ok: Tensor) -> str | None:
+    """The source text under the first run of tokens the mean does not reconstruct; None when none is lost.
+
+    Cut from `text` by the tokenizer's offsets, not decoded: a byte-level token alone is often
+    part of a character and would print as U+FFFD.
+    """
+    lost = (~ok).nonzero().flatten().tolist()
+    if not lost:
+        return None
+    end = lost[0]
+    while end + 1 < ok.numel() and not ok[end + 1]:
+        end += 1
+    offsets = tokenizer_of(ae).encode(text, add_special_tokens=False).offsets
+    return text[offsets[lost[0]][0] : offsets[end][1]]
 
 
 def _special_ids(ae: Autoencoder) -> set[int]:
