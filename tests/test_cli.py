@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 
 import pytest
@@ -193,3 +194,18 @@ def test_an_empty_pipe_is_no_prompt_but_an_explicit_empty_one_is():
     assert run_calm("generate", "-", "-n", "4", "-m", MODEL).returncode == 2
     r = run_calm("generate", "", "-n", "4", "--seed", "1", "-m", MODEL)
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
+def test_ctrl_c_during_generate_leaves_the_shell_its_own_line():
+    """In a terminal, Ctrl-C mid-stream: the bytes after the echoed ^C end the line, exit 130, no traceback."""
+    import pexpect
+
+    command = calm_command()
+    child = pexpect.spawn(command[0], command[1:] + ["generate", "The history of", "-n", "4000", "--seed", "1"],
+                          env={**os.environ, "NO_COLOR": "1"}, timeout=90)
+    child.expect(rb"(\S+\s+){12}")  # streaming has begun
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130 and b"Traceback" not in child.before
+    assert child.before.endswith(b"\r\n"), child.before[-60:]

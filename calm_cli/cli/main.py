@@ -77,6 +77,9 @@ def _take_debug(args: list[str]) -> list[str]:
     return [a for a in args[:end] if a not in ("--debug", "--download")] + args[end:]
 
 
+INTERRUPTED = 130  # the exit code of Ctrl-C, as shells give 128 + SIGINT
+
+
 def main() -> None:
     """Entry point: one-line errors, exit 2 for usage and 1 for runtime errors, quiet on Ctrl-C and closed pipes.
 
@@ -86,6 +89,9 @@ def main() -> None:
     sys.stdout = _PipeAwareStdout(sys.stdout)
     try:
         code = command.main(args=_take_debug(sys.argv[1:]), prog_name="calm", standalone_mode=False)
+        if code == INTERRUPTED:  # typer >= 0.29 turns Ctrl-C into Exit(130), which click returns here
+            _end_interrupted_line()
+            _quiet_exit(INTERRUPTED)
         sys.stdout.flush()
         sys.exit(code if isinstance(code, int) else 0)
     except CalmError as exc:
@@ -93,12 +99,8 @@ def main() -> None:
             traceback.print_exc()
         _fail(str(exc), exc.exit_code)
     except (KeyboardInterrupt, typer.Abort):
-        if isinstance(sys.stdout, _PipeAwareStdout) and sys.stdout.mid_line:
-            try:
-                sys.stdout.write("\n")
-            except (BrokenPipeError, PipeClosed):
-                pass
-        _quiet_exit(130)
+        _end_interrupted_line()
+        _quiet_exit(INTERRUPTED)
     except (BrokenPipeError, PipeClosed):
         _quiet_exit(0)
     except typer.Exit as exc:
@@ -158,6 +160,21 @@ def _fail(message: str, code: int) -> None:
     line = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
     sys.stderr.write(f"error: {line}\n")
     sys.exit(code)
+
+
+def _end_interrupted_line() -> None:
+    """After Ctrl-C, leave the shell its own line.
+
+    Text cut mid-line gets its newline on stdout (a file or pipe keeps whole lines); otherwise
+    a terminal has echoed "^C" after the last line, so stderr ends that line.
+    """
+    try:
+        if isinstance(sys.stdout, _PipeAwareStdout) and sys.stdout.mid_line:
+            sys.stdout.write("\n")
+        elif sys.stderr is not None and sys.stderr.isatty():
+            sys.stderr.write("\n")
+    except (BrokenPipeError, PipeClosed, ValueError):
+        pass
 
 
 def _quiet_exit(code: int) -> None:
