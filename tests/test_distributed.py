@@ -134,3 +134,57 @@ def test_torchrun_only_rank_zero_speaks(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["step 1 loss " + done.stdout.split()[3], f"saved {tmp_path / 'run' / 'checkpoint'}"]
     assert done.stderr.count("calm train:") == 1
+
+
+# ---- sharded evaluation ----------------------------------------------------------------------
+
+
+def _eval_docs() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 8, (int(n),), generator=gen) for n in torch.randint(6, 60, (9,), generator=gen)]
+
+
+def _eval_worker(rank: int, world: int, port: int, out: Path) -> None:
+    import torch.distributed as dist
+
+    from calm_cli.eval.evaluate import evaluate_documents, summarize
+    from test_eval import _tiny_baseline
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    report = summarize(evaluate_documents(_tiny_baseline(), _eval_docs(), seed=5, batch_size=2, rank=rank, world=world), seed=5)
+    dist.destroy_process_group()
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def test_sharded_eval_gives_the_one_process_numbers(tmp_path):
+    """The same draws and positions; exact P(y) differs only by float32 rounding (thread counts differ here)."""
+    from calm_cli.eval.evaluate import evaluate_documents, summarize
+    from test_eval import _tiny_baseline
+
+    alone = summarize(evaluate_documents(_tiny_baseline(), _eval_docs(), seed=5, batch_size=2), seed=5)
+    mp.spawn(_eval_worker, args=(2, _free_port(), tmp_path), nprocs=2)
+    for rank in (0, 1):
+        shared = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert shared.keys() == alone.keys() and shared["positions"] == alone["positions"] > 0
+        for key in ("brier1", "brier2", "brier3", "brier4", "brierlm"):
+            assert shared[key] == pytest.approx(alone[key], abs=1e-7)
+        assert shared["brierlm_ci95"] == pytest.approx(alone["brierlm_ci95"], abs=1e-7)
+    assert all(alone[f"brier{n}"] != 0 for n in range(1, 5))  # numbers that a change of draws would move
+
+
+def test_torchrun_eval_prints_one_report(tmp_path):
+    from test_eval import CORPUS, FIXTURE
+
+    args = ["eval", str(CORPUS), "--model", str(FIXTURE), "--json", "--seed", "3", "--max-docs", "6", "--batch-size", "2", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
+    alone = subprocess.run([sys.executable, "-m", "calm_cli", *args], capture_output=True, text=True, timeout=120, env=env)
+    shared = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "calm_cli", *args],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert alone.returncode == 0 and shared.returncode == 0, shared.stderr
+    assert len(shared.stdout.splitlines()) == 1
+    one, two = json.loads(alone.stdout), json.loads(shared.stdout)
+    for key in ("brier1", "brier2", "brier3", "brier4", "brierlm", "positions", "documents"):
+        assert two[key] == pytest.approx(one[key], abs=1e-12)
+    assert two["brierlm_ci95"] == pytest.approx(one["brierlm_ci95"], abs=1e-12)
