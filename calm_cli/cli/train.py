@@ -126,7 +126,7 @@ def _resumed(ctx: typer.Context, loop: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(kind: str, ctx: typer.Context, data: Path, tokenizer: Optional[Path], make_config, loop: dict[str, Any], autoencoder=None) -> None:
-    from ..training.distributed import launched_rank
+    from ..training.distributed import launched, local_rows
     from ..training.train import TrainOptions, resume_point, train
 
     if loop["resume"]:
@@ -141,12 +141,13 @@ def _run(kind: str, ctx: typer.Context, data: Path, tokenizer: Optional[Path], m
     if kind == "calm" and autoencoder is not None and tok is None:
         tok = getattr(autoencoder, "tokenizer", None)
     resume_point(TrainOptions(**loop))  # OUT and --resume agree: the thread line below is not followed by an error
+    ranks = launched()
+    local_rows(loop["batch_size"], ranks)  # nor is it by a batch that the processes cannot share
     threads = set_threads(loop["threads"])
-    main = launched_rank() == 0  # under torchrun only rank 0 speaks; the others stay quiet unless they fail
-    if main:
+    if ranks.main:  # under torchrun only rank 0 speaks; the others stay quiet unless they fail
         err.print(f"[dim]calm train: {threads}[/dim]")
     result = train(kind, TrainOptions(**{**loop, "threads": threads.count}), tokens, heldout, config=config, autoencoder=autoencoder, tokenizer=tok)
-    if not main:
+    if not ranks.main:
         return
     metrics = " ".join(f"{k}={v:.4g}" for k, v in result["eval"].items())
     loss = f"{result['loss']:.4f}" if result["loss"] is not None else "-"

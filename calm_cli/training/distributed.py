@@ -37,9 +37,9 @@ class Ranks:
         return self.rank == 0
 
 
-def launched_rank() -> int:
-    """This process's rank as torchrun announces it (0 outside torchrun), readable before any set-up."""
-    return int(os.environ.get("RANK", "0"))
+def launched() -> Ranks:
+    """This process's rank and world size as torchrun announces them, readable before any set-up."""
+    return Ranks(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def setup(device: str | None) -> tuple[Ranks, torch.device]:
