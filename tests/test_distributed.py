@@ -19,12 +19,13 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from calm_cli.io.checkpoint import load_baseline, load_model
+from calm_cli.io.checkpoint import load_autoencoder, load_baseline, load_model
+from calm_cli.training.distributed import load_optimizer_state, optimizer_state
 from calm_cli.training.objectives import build_model
 from calm_cli.training.train import TrainOptions, sample_blocks, train
 from test_train import AE_CONFIG, BASE_CONFIG, CALM_CONFIG, HELDOUT, TOKENS, VOCAB
 
-CONFIGS = {"baseline": BASE_CONFIG, "calm": CALM_CONFIG}
+CONFIGS = {"autoencoder": AE_CONFIG, "baseline": BASE_CONFIG, "calm": CALM_CONFIG}
 TOLERANCE = 1e-5  # max |w_2 ranks - w_1 rank| after a few AdamW steps: only summation order differs
 LOOP = {"block_size": 32, "batch_size": 4, "warmup_steps": 2, "max_steps": 4, "log_every": 1, "eval_every": 0,
         "eval_batches": 1, "threads": 1, "progress": False, "target_samples": 4, "lr": 1e-2}
@@ -107,6 +108,12 @@ def test_fsdp2_trains_resumes_and_saves_an_ordinary_checkpoint(reference, tmp_pa
     assert load_baseline(tmp_path / "fsdp" / "checkpoint").config.num_hidden_layers == BASE_CONFIG.num_hidden_layers
 
 
+def test_fsdp2_accumulates_gradients_as_one_process(tmp_path):
+    one_rank("baseline", tmp_path / "one", max_steps=2, grad_accum=2)
+    two_ranks("baseline", tmp_path / "two", max_steps=2, grad_accum=2, shard=True)
+    assert max_difference(tmp_path / "two", tmp_path / "one") < TOLERANCE
+
+
 def test_fsdp2_calm_with_its_frozen_autoencoder_and_evaluation(tmp_path):
     """CALM's evaluation calls parts of the model outside forward: every rank gathers the weights for it."""
     two_ranks("calm", tmp_path / "calm", max_steps=2, shard=True, eval_every=1)
@@ -114,6 +121,30 @@ def test_fsdp2_calm_with_its_frozen_autoencoder_and_evaluation(tmp_path):
     assert sum(r["event"] == "eval" for r in records) == 2 and all(r["step"] <= 2 for r in records)
     model = load_model(tmp_path / "calm" / "checkpoint")
     assert torch.equal(model.ae_model.encoder.embed_tokens.weight, _autoencoder("calm").encoder.embed_tokens.weight)
+
+
+def test_autoencoder_sharded_then_resumed_in_one_process(tmp_path):
+    """Its tied embedding / output matrix keeps one name in the optimizer state, sharded or not."""
+    two_ranks("autoencoder", tmp_path / "ae", max_steps=2, stop_at=1, shard=True)
+    one_rank("autoencoder", tmp_path / "ae", resume=True)
+    assert losses(tmp_path / "ae")[-1] < losses(tmp_path / "ae")[0]
+    assert load_autoencoder(tmp_path / "ae" / "checkpoint").config.latent_size == AE_CONFIG.latent_size
+
+
+def test_optimizer_state_by_index_still_loads():
+    """Checkpoints written before the state was keyed by name resume as before."""
+    model = build_model("baseline", BASE_CONFIG)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randint(0, VOCAB, (1, 8))).sum().backward()
+    optimizer.step()
+    fresh = torch.optim.AdamW(model.parameters())
+    load_optimizer_state(model, fresh, optimizer.state_dict())
+    assert str(fresh.state_dict()) == str(optimizer.state_dict())
+    by_name = optimizer_state(model, optimizer)
+    assert set(by_name["state"]) == {name for name, _ in model.named_parameters()}
+    again = torch.optim.AdamW(model.parameters())
+    load_optimizer_state(model, again, by_name)
+    assert str(again.state_dict()) == str(optimizer.state_dict())
 
 
 def test_global_batch_must_split_evenly(tmp_path):

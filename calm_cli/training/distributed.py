@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,27 +162,26 @@ def optimizer_state(objective: nn.Module, optimizer: torch.optim.Optimizer) -> d
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         return get_optimizer_state_dict(objective, optimizer, options=_full_options())
-    names, state = _names(objective, optimizer), optimizer.state_dict()
+    return _renamed(optimizer.state_dict(), _names(objective, optimizer).__getitem__)
+
+
+def _renamed(state: dict[str, Any], rename: Callable[[Any], Any]) -> dict[str, Any]:
     return {
-        "state": {names[i]: value for i, value in state["state"].items()},
-        "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]],
+        "state": {rename(key): value for key, value in state["state"].items()},
+        "param_groups": [{**group, "params": [rename(key) for key in group["params"]]} for group in state["param_groups"]],
     }
 
 
 def load_optimizer_state(objective: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Restore a saved optimizer state on any world size, sharded or not (older checkpoints keyed it by index)."""
+    """Restore a saved optimizer state on any world size, sharded or not (checkpoints from before names keyed it by index)."""
+    if all(isinstance(key, int) for key in state["state"]):
+        state = _renamed(state, _names(objective, optimizer).__getitem__)
     if sharded(objective):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(objective, optimizer, state, options=StateDictOptions(full_state_dict=True))
         return
-    if not all(isinstance(key, int) for key in state["state"]):
-        index = {name: i for i, name in enumerate(_names(objective, optimizer))}
-        state = {
-            "state": {index[name]: value for name, value in state["state"].items()},
-            "param_groups": [{**group, "params": [index[n] for n in group["params"]]} for group in state["param_groups"]],
-        }
-    optimizer.load_state_dict(state)
+    optimizer.load_state_dict(_renamed(state, {name: i for i, name in enumerate(_names(objective, optimizer))}.__getitem__))
 
 
 def mean_over_ranks(values: torch.Tensor, ranks: Ranks) -> torch.Tensor:
