@@ -47,7 +47,8 @@ Estimators (two model samples per position, T = 1, all drawn in batched calls):
 Interval: a percentile bootstrap over documents (2000 resamples, each recomputing
 Brier-1..4 as position-weighted means and then BrierLM), because positions within a
 document are correlated and BrierLM is not a mean. With one document there is none.
-The same seed, data and batch size give the same numbers.
+The same seed, data and batch size give the same numbers, on one process or several
+under torchrun: each batch of windows draws from its own generator, seeded by (seed, batch).
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
