@@ -26,7 +26,7 @@ from .typer_setup import with_examples
 @with_examples(
     "calm eval heldout.jsonl     # JSON lines with a 'text' field",
     "calm eval notes.txt -m baseline --max-docs 200 --json",
-    "torchrun --standalone --nproc-per-node 2 -m calm_cli eval heldout.jsonl   # documents shared by 2 processes",
+    "torchrun --nproc-per-node 2 -m calm_cli eval heldout.jsonl  # 2 processes",
 )
 def eval_(
     data: list[Path] = typer.Argument(
