@@ -321,7 +321,7 @@ def train(
     try:
         return _run(kind, options, out, existing, ranks, device, train_tokens, heldout_tokens, config, autoencoder, tokenizer)
     except torch.cuda.OutOfMemoryError:
-        raise CalmError("out of device memory: lower --batch-size (and raise --grad-accum)") from None
+        raise CalmError("out of device memory: lower --batch-size (and raise --grad-accum), or share the model out with --shard under torchrun") from None
     finally:
         distributed.teardown(ranks)
 
