@@ -22,14 +22,8 @@ from calm_cli.io.checkpoint import (
 )
 from calm_cli.io.tokenizer import load_tokenizer
 from calm_cli.models.config import CALMConfig
-from calm_cli.training.train import (
-    BaselineObjective,
-    CALMObjective,
-    _load_state,
-    _save,
-    build_model,
-    checkpoint_dir,
-)
+from calm_cli.training.objectives import BaselineObjective, CALMObjective, build_model
+from calm_cli.training.train import _load_state, _save, checkpoint_dir
 
 HOOKED = ("replace", "rename", "unlink", "fsync", "open", "close")
 

@@ -21,7 +21,8 @@ from calm_cli.io.checkpoint import (
 )
 from calm_cli.models.baseline import TokenTransformer
 from calm_cli.models.config import AutoencoderConfig, CALMConfig, read_json
-from calm_cli.training.train import TrainOptions, build_model, energy_loss, train
+from calm_cli.training.objectives import build_model, energy_loss
+from calm_cli.training.train import TrainOptions, train
 
 VOCAB = 48
 AE_CONFIG = AutoencoderConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, latent_size=8)

@@ -26,6 +26,7 @@ from .typer_setup import with_examples
 @with_examples(
     "calm eval heldout.jsonl     # JSON lines with a 'text' field",
     "calm eval notes.txt -m baseline --max-docs 200 --json",
+    "torchrun --nproc-per-node 2 -m calm_cli eval heldout.jsonl  # 2 processes",
 )
 def eval_(
     data: list[Path] = typer.Argument(
@@ -52,11 +53,19 @@ def eval_(
     collisions); the 95% interval is a bootstrap over documents.
     """
     from ..eval.evaluate import check_arguments, evaluate, format_report
+    from ..training.distributed import setup, teardown
 
     check_arguments(data, max_docs, max_tokens, batch_size)
     path = model_path(model)
     set_threads(threads)
-    loaded = load_for_cli(str(path), device, dtype)
-    report = evaluate(loaded, data, max_docs=max_docs, max_tokens=max_tokens, seed=seed, batch_size=batch_size, console=err)
-    report["model"] = str(path)
-    sys.stdout.write(json.dumps(report) + "\n" if as_json else format_report(report))
+    # Under torchrun each process scores a share of the batches on its own device; rank 0 reports.
+    ranks, local = setup(None if device == "auto" else device)
+    try:
+        loaded = load_for_cli(str(path), str(local) if ranks.world > 1 else device, dtype)
+        report = evaluate(loaded, data, max_docs=max_docs, max_tokens=max_tokens, seed=seed, batch_size=batch_size,
+                          console=err if ranks.main else None, rank=ranks.rank, world=ranks.world)
+    finally:
+        teardown(ranks)
+    if ranks.main:
+        report["model"] = str(path)
+        sys.stdout.write(json.dumps(report) + "\n" if as_json else format_report(report))

@@ -24,7 +24,7 @@ train_app = new_typer(no_args_is_help=True, help="Train an autoencoder, a CALM m
 Data = typer.Argument(..., help="Prepared data directory with train.bin, heldout.bin and manifest.json.")
 Out = typer.Option(..., "--out", "-o", help="Output directory: OUT/checkpoint (model + trainer state) and OUT/log.jsonl.")
 Tok = typer.Option(None, "--tokenizer", help="tokenizer.json (default: DATA/tokenizer.json when present).")
-BatchSize = typer.Option(8, "--batch-size", help="Blocks per micro-batch (per device).")
+BatchSize = typer.Option(8, "--batch-size", help="Blocks per micro-batch in all (the global batch; under torchrun each process takes an equal share).")
 Accum = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step.")
 Lr = typer.Option(3e-4, "--lr", help="Peak learning rate (AdamW, betas 0.9/0.95).")
 Warmup = typer.Option(100, "--warmup", help="Linear warm-up steps.")
@@ -47,6 +47,7 @@ Threads = typer.Option(
 Bf16 = typer.Option(False, "--bf16/--fp32", help="bf16 autocast (weights and optimizer stay fp32).")
 Resume = typer.Option(False, "--resume", help="Continue from OUT/checkpoint exactly where it stopped.")
 Init = typer.Option(None, "--init", help="Fresh run starting from the weights of this saved model of the same kind and shape (fresh optimizer and step count); a CALM backbone also moves to an autoencoder of another K or latent size.")
+Shard = typer.Option(False, "--shard/--no-shard", help="Under torchrun: shard weights, gradients and optimizer state across the processes (FSDP2) instead of copying them (DDP).")
 Device = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA when present; torchrun sets one per process).")
 Progress = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr.")
 Hidden = typer.Option(256, "--hidden", help="Hidden size.")
@@ -125,6 +126,7 @@ def _resumed(ctx: typer.Context, loop: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(kind: str, ctx: typer.Context, data: Path, tokenizer: Optional[Path], make_config, loop: dict[str, Any], autoencoder=None) -> None:
+    from ..training.distributed import launched, local_rows
     from ..training.train import TrainOptions, resume_point, train
 
     if loop["resume"]:
@@ -139,9 +141,14 @@ def _run(kind: str, ctx: typer.Context, data: Path, tokenizer: Optional[Path], m
     if kind == "calm" and autoencoder is not None and tok is None:
         tok = getattr(autoencoder, "tokenizer", None)
     resume_point(TrainOptions(**loop))  # OUT and --resume agree: the thread line below is not followed by an error
+    ranks = launched()
+    local_rows(loop["batch_size"], ranks)  # nor is it by a batch that the processes cannot share
     threads = set_threads(loop["threads"])
-    err.print(f"[dim]calm train: {threads}[/dim]")
+    if ranks.main:  # under torchrun only rank 0 speaks; the others stay quiet unless they fail
+        err.print(f"[dim]calm train: {threads}[/dim]")
     result = train(kind, TrainOptions(**{**loop, "threads": threads.count}), tokens, heldout, config=config, autoencoder=autoencoder, tokenizer=tok)
+    if not ranks.main:
+        return
     metrics = " ".join(f"{k}={v:.4g}" for k, v in result["eval"].items())
     loss = f"{result['loss']:.4f}" if result["loss"] is not None else "-"
     typer.echo(f"step {result['step']} loss {loss} {metrics}".rstrip())
@@ -165,13 +172,13 @@ def autoencoder(
     kl_weight: float = typer.Option(1e-3, "--kl-weight", help="Weight of the clamped KL term."),
     kl_clamp: float = typer.Option(0.5, "--kl-clamp", help="Per-dimension lower clamp of the KL."),
     block_size: int = typer.Option(2048, "--block-size", help="Tokens per training block (a multiple of K)."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Blocks per micro-batch (per device)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Blocks per micro-batch in all (the global batch; under torchrun each process takes an equal share)."),
     grad_accum: int = Accum, lr: float = Lr, warmup: int = Warmup, schedule: str = Schedule,
     min_lr_ratio: float = MinLr, weight_decay: float = Wd, max_steps: Optional[int] = MaxSteps,
     max_minutes: Optional[float] = MaxMin, stop_at: Optional[int] = StopAt, save_every_min: float = SaveMin, save_every_steps: Optional[int] = SaveSteps,
     eval_every: int = EvalEvery, eval_batches: int = EvalBatches, log_every: int = LogEvery, seed: int = Seed,
     threads: Optional[int] = Threads, bf16: bool = Bf16, resume: bool = Resume, init: Optional[Path] = Init,
-    device: Optional[str] = Device, progress: bool = Progress,
+    device: Optional[str] = Device, progress: bool = Progress, shard: bool = Shard,
 ) -> None:
     """Train the chunk autoencoder (the robust VAE loss of the CALM paper)."""
     if not 0 <= dropout < 1:
@@ -188,7 +195,7 @@ def autoencoder(
                  schedule=schedule, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, max_steps=max_steps,
                  max_minutes=max_minutes, stop_at=stop_at, save_every_min=save_every_min, save_every_steps=save_every_steps,
                  eval_every=eval_every, eval_batches=eval_batches, log_every=log_every, seed=seed, threads=threads,
-                 bf16=bf16, resume=resume, init=init, device=device, progress=progress)
+                 bf16=bf16, resume=resume, init=init, device=device, progress=progress, shard=shard)
     _run("autoencoder", ctx, data, tokenizer, make_config, loop)
 
 
@@ -219,7 +226,7 @@ def calm(
     max_minutes: Optional[float] = MaxMin, stop_at: Optional[int] = StopAt, save_every_min: float = SaveMin, save_every_steps: Optional[int] = SaveSteps,
     eval_every: int = EvalEvery, eval_batches: int = EvalBatches, log_every: int = LogEvery, seed: int = Seed,
     threads: Optional[int] = Threads, bf16: bool = Bf16, resume: bool = Resume, init: Optional[Path] = Init,
-    device: Optional[str] = Device, progress: bool = Progress,
+    device: Optional[str] = Device, progress: bool = Progress, shard: bool = Shard,
 ) -> None:
     """Train CALM on a frozen autoencoder with the energy-score loss."""
     from ..io.checkpoint import load_autoencoder
@@ -246,7 +253,7 @@ def calm(
                  schedule=schedule, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, max_steps=max_steps,
                  max_minutes=max_minutes, stop_at=stop_at, save_every_min=save_every_min, save_every_steps=save_every_steps,
                  eval_every=eval_every, eval_batches=eval_batches, log_every=log_every, seed=seed, threads=threads,
-                 bf16=bf16, resume=resume, init=init, device=device, progress=progress, target_samples=target_samples)
+                 bf16=bf16, resume=resume, init=init, device=device, progress=progress, target_samples=target_samples, shard=shard)
     _run("calm", ctx, data, tokenizer, make_config, loop, autoenc)
 
 
@@ -261,7 +268,7 @@ def baseline(
     max_minutes: Optional[float] = MaxMin, stop_at: Optional[int] = StopAt, save_every_min: float = SaveMin, save_every_steps: Optional[int] = SaveSteps,
     eval_every: int = EvalEvery, eval_batches: int = EvalBatches, log_every: int = LogEvery, seed: int = Seed,
     threads: Optional[int] = Threads, bf16: bool = Bf16, resume: bool = Resume, init: Optional[Path] = Init,
-    device: Optional[str] = Device, progress: bool = Progress,
+    device: Optional[str] = Device, progress: bool = Progress, shard: bool = Shard,
 ) -> None:
     """Train the token-level Transformer baseline (same backbone, next-token cross-entropy)."""
 
@@ -272,5 +279,5 @@ def baseline(
                  schedule=schedule, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, max_steps=max_steps,
                  max_minutes=max_minutes, stop_at=stop_at, save_every_min=save_every_min, save_every_steps=save_every_steps,
                  eval_every=eval_every, eval_batches=eval_batches, log_every=log_every, seed=seed, threads=threads,
-                 bf16=bf16, resume=resume, init=init, device=device, progress=progress)
+                 bf16=bf16, resume=resume, init=init, device=device, progress=progress, shard=shard)
     _run("baseline", ctx, data, tokenizer, make_config, loop)

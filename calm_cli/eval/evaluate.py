@@ -47,11 +47,13 @@ Estimators (two model samples per position, T = 1, all drawn in batched calls):
 Interval: a percentile bootstrap over documents (2000 resamples, each recomputing
 Brier-1..4 as position-weighted means and then BrierLM), because positions within a
 document are correlated and BrierLM is not a mean. With one document there is none.
-The same seed, data and batch size give the same numbers.
+The same seed, data and batch size give the same numbers, on one process or several
+under torchrun: each batch of windows draws from its own generator, seeded by (seed, batch).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -357,6 +359,12 @@ def _score_batch(side: _Side, windows: list[Window], gen: torch.Generator, exact
 # ---- running and reporting -------------------------------------------------------------------
 
 
+def _batch_seed(seed: int, index: int) -> int:
+    """Seed of the batch starting at window `index`: a batch's draws do not depend on which process runs it."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
 @dataclass
 class EvalResult:
     sums: torch.Tensor  # [documents, 4]: summed per-position Brier-n of each scored document
@@ -372,30 +380,43 @@ def evaluate_documents(
     batch_size: int = 8,
     exact: bool = True,
     progress: Callable[[int, int, float], None] | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> EvalResult:
     """Score token documents; `exact=False` scores a token model by two samples alone, as CALM is.
 
-    progress(positions just scored, total positions, running BrierLM) is called per batch.
+    progress(positions just scored, this process's total positions, its running BrierLM) is
+    called per batch. With world > 1 (torchrun, process group set up) process `rank` scores
+    every world-th batch and all get the summed result: batch i draws from a generator
+    seeded by (seed, i), so the numbers are the same on any number of processes.
     """
     side = _Side(model)
     windows = make_windows(docs, side.k, model.config.max_position_embeddings)
     if not windows:
         raise CalmError(f"no document has the {side.k + WIDTH} tokens needed to score one position")
     windows.sort(key=lambda w: -len(w.ids))  # batches of similar length: little padding
-    total = sum(len(w.truth) for w in windows)
+    mine = list(range(0, len(windows), batch_size))[rank::world]
+    total = sum(len(w.truth) for i in mine for w in windows[i : i + batch_size])
     sums = torch.zeros(len(docs), WIDTH, dtype=torch.float64)
     counts = torch.zeros(len(docs), dtype=torch.float64)
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    device = next(model.parameters()).device
     start = time.perf_counter()
     with torch.inference_mode():
-        for i in range(0, len(windows), batch_size):
+        for i in mine:
             batch = windows[i : i + batch_size]
+            gen = torch.Generator(device=device).manual_seed(_batch_seed(seed, i))
             scores = _score_batch(side, batch, gen, exact).cpu()
             owners = torch.cat([torch.full((len(w.truth),), w.doc) for w in batch])
             sums.index_add_(0, owners, scores)
             counts.index_add_(0, owners, torch.ones(len(owners), dtype=torch.float64))
             if progress is not None:
                 progress(len(scores), total, brier_lm_rows(sums.sum(0) / counts.sum()).item())
+    if world > 1:
+        import torch.distributed as dist
+
+        both = torch.cat([sums, counts[:, None]], dim=1).to(device)  # NCCL reduces device tensors only
+        dist.all_reduce(both)
+        sums, counts = both[:, :WIDTH].cpu(), both[:, WIDTH].cpu()
     keep = counts > 0
     return EvalResult(sums[keep], counts[keep], time.perf_counter() - start)
 
@@ -432,8 +453,13 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 8,
     console: Console | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict[str, Any]:
-    """`calm eval` without the printing: load the documents, score them with a progress bar on `console`, summarise."""
+    """`calm eval` without the printing: load the documents, score them with a progress bar on `console`, summarise.
+
+    Under torchrun each of the `world` processes scores its share (see evaluate_documents) and all get the whole report.
+    """
     check_arguments(paths, max_docs, max_tokens, batch_size)
     docs = load_documents(paths, model, max_docs, max_tokens)
     if not docs:
@@ -448,7 +474,7 @@ def evaluate(
         def show(done: int, total: int, estimate: float) -> None:
             bar.update(task, advance=done, total=total, estimate=f"{estimate:.2f}")
 
-        result = evaluate_documents(model, docs, seed=seed, batch_size=batch_size, progress=show)
+        result = evaluate_documents(model, docs, seed=seed, batch_size=batch_size, progress=show, rank=rank, world=world)
     report = summarize(result, seed)
     report["seconds"] = round(result.seconds, 3)
     report["k"] = model.patch_size

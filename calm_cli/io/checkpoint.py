@@ -296,18 +296,22 @@ def save_model(model: CALM, directory: str | os.PathLike, dtype: torch.dtype | N
     return target
 
 
-def calm_files(model: CALM, dtype: torch.dtype | None = None) -> dict[str, FileWriter]:
-    """The writers of a CALM model's files in our layout (the tied autoencoder head is not stored twice)."""
+def calm_files(model: CALM, dtype: torch.dtype | None = None, state: dict[str, torch.Tensor] | None = None) -> dict[str, FileWriter]:
+    """The writers of a CALM model's files in our layout (the tied autoencoder head is not stored twice).
+
+    `state` replaces model.state_dict(): a sharded run passes the full weights it gathered.
+    """
     config = config_to_dict(model.config)
     config.pop("ae_path", None)
     config["architectures"] = ["EnergyTransformer"]
     config["ae_config"] = config_to_dict(model.ae_config)
-    state = {}
-    for k, v in model.state_dict().items():
-        if k == f"ae_model.{TIED_AE_KEY}" and v.data_ptr() == model.ae_model.encoder.embed_tokens.weight.data_ptr():
+    tied = model.ae_model.decoder.lm_head_weight is model.ae_model.encoder.embed_tokens.weight
+    tensors = {}
+    for k, v in (model.state_dict() if state is None else state).items():
+        if k == f"ae_model.{TIED_AE_KEY}" and tied:
             continue
-        state[k] = (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
-    return model_files(config, state, getattr(model, "tokenizer", None))
+        tensors[k] = (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
+    return model_files(config, tensors, getattr(model, "tokenizer", None))
 
 
 FileWriter = Callable[[Path], None]
@@ -410,14 +414,14 @@ def save_baseline(model: TokenTransformer, directory: str | os.PathLike, dtype: 
     return target
 
 
-def baseline_files(model: TokenTransformer, dtype: torch.dtype | None = None) -> dict[str, FileWriter]:
-    """The writers of a token-level baseline's files in our layout."""
+def baseline_files(model: TokenTransformer, dtype: torch.dtype | None = None, state: dict[str, torch.Tensor] | None = None) -> dict[str, FileWriter]:
+    """The writers of a token-level baseline's files in our layout (`state`: as for calm_files)."""
     config = config_to_dict(model.config)
     config.pop("ae_path", None)
     config["architectures"] = [ARCHITECTURE]
     state = {
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
-        for k, v in model.state_dict().items()
+        for k, v in (model.state_dict() if state is None else state).items()
     }
     return model_files(config, state, model.tokenizer)
 
