@@ -43,7 +43,7 @@ from ..models.calm import CALM
 from ..models.config import AutoencoderConfig, CALMConfig, config_from_dict, read_json
 from ..runtime.engine import Engine
 from ..runtime.sampling import SamplingStats
-from ..runtime.settings import CANDIDATE_DECODERS, CANDIDATE_DTYPES, GenerationSettings
+from ..runtime.settings import CANDIDATE_DECODERS, CANDIDATE_DTYPES, GenerationSettings, SettingsError
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,8 @@ class Preset:
 # S is the authors' default backbone and M is CALM-M. L and XL are inferred from the paper's
 # parameter counts (735M and 1.82B with this vocabulary and autoencoder); their head counts
 # are our assumption. tiny is for CPU tests, with an autoencoder scaled down to match.
+# The `calm bench` flag each generation setting is typed as, to word the settings gate's errors
+FLAGS = {"temperature": "--temp", "num_samples": "--samples", "sampler": "--sampler"}
 PRESETS = {
     "tiny": Preset(256, 688, 4, 4, vocab=8192, ae_hidden=128, ae_intermediate=320, latent=32, noise=32),
     "S": Preset(768, 2048, 12, 12),
@@ -105,14 +107,15 @@ def check_options(options: BenchOptions) -> None:
     """Reject what the benchmark cannot run, before any model is built."""
     if min(options.ks) < 1 or min(options.batches) < 1:
         raise UsageError("--K and --concurrency values must be at least 1")
-    if any(not 0.0 <= t <= 1.0 for t in options.temperatures):
-        raise UsageError("--temp values must be in [0, 1]")
-    if options.prompt_tokens < 1 or options.repetitions < 1 or options.num_samples < 1:
-        raise UsageError("-p, -r and --samples must be at least 1")
+    for temperature in options.temperatures:
+        try:
+            GenerationSettings(temperature=temperature, num_samples=options.num_samples, sampler=options.sampler)
+        except SettingsError as exc:
+            raise UsageError(exc.named(FLAGS)) from None
+    if options.prompt_tokens < 1 or options.repetitions < 1:
+        raise UsageError("-p and -r must be at least 1")
     if options.new_tokens <= max(options.ks):
         raise UsageError(f"-n must be more than K ({max(options.ks)}): a run needs steps after the first chunk")
-    if options.sampler not in ("approx", "exact"):
-        raise UsageError(f"--sampler must be 'approx' or 'exact', got '{options.sampler}'")
     if not options.candidate_decoders or set(options.candidate_decoders) - set(CANDIDATE_DECODERS):
         raise UsageError(f"--candidate-decoder takes dense, fast or dense,fast, got '{','.join(options.candidate_decoders)}'")
     if not options.candidate_dtypes or set(options.candidate_dtypes) - set(CANDIDATE_DTYPES):

@@ -26,6 +26,7 @@ from ..errors import CalmError, UsageError
 from ..io.atomic import write_text_atomic
 from ..runtime.chat import DEFAULT_TEMPLATE, Conversation, Template, Turn
 from .common import (
+    FLAGS,
     SAMPLES_LIMIT,
     SEED_LIMIT,
     DeviceOpt,
@@ -39,6 +40,7 @@ from .common import (
     load_for_cli,
     seed_option,
     set_threads,
+    typed_settings,
 )
 from .typer_setup import with_examples
 
@@ -122,6 +124,8 @@ HELP = [
     ("/verbose", "toggle tokens/s and vector-steps/s after each reply"),
     ("/exit", "leave (also /bye, Ctrl-D, or Ctrl-C on an empty prompt)"),
 ]
+# The slash command that changes each generation setting, to word the settings gate's errors
+COMMANDS = {**FLAGS, "max_tokens": "/max-tokens", "temperature": "/temp", "num_samples": "/samples", "seed": "/seed"}
 KEYS = [
     ("Esc-Enter", "new line (Alt-Enter in most terminals)"),
     ('"""', "start and end a multi-line message"),
@@ -240,14 +244,7 @@ class ChatSession:
             return True
 
     def _settings(self, **changes: Any) -> None:
-        from ..runtime.settings import check_settings
-
-        settings = replace(self.settings, **changes)
-        try:
-            check_settings(settings)
-        except UsageError as exc:
-            raise UsageError(str(exc).replace("--", "/", 1)) from None
-        self.settings = settings
+        self.settings = typed_settings(self.settings, COMMANDS, **changes)
 
     def _cmd_help(self, arg: str) -> None:
         width = max(len(usage) for usage, _ in HELP + KEYS) + 2
@@ -452,9 +449,6 @@ def run_chat(
     history: bool,
 ) -> None:
     """The chat loop: read a turn, answer it or run its slash command, until /exit or end of input."""
-    from ..runtime.settings import check_settings
-
-    check_settings(settings)
     conversation = Conversation(Template.parse(template), system)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     display = Display(interactive)
@@ -514,10 +508,7 @@ def chat(
 
     Input history, Esc-Enter for a newline, Tab completes /commands (/help lists them). With stdin or stdout not a terminal, each input line is one turn and each reply is one line on stdout.
     """
-    from ..runtime.settings import GenerationSettings, check_settings
-
-    settings = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
-    check_settings(settings)  # before set_threads, which loads torch
+    settings = typed_settings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
     threads_used = set_threads(threads)
     if verbose:
         err.print(f"[dim]{threads_used}[/dim]")

@@ -6,13 +6,14 @@ import json
 import sys
 import time
 import typing
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..errors import CalmError, UsageError
-from ..runtime.settings import MAX_SEED, SAMPLES_LIMIT
+from ..runtime.settings import SettingsError
 from .common import (
     CandidateDecoderOpt,
     CandidateDtypeOpt,
@@ -31,6 +32,7 @@ from .common import (
     read_text,
     seed_option,
     set_threads,
+    typed_settings,
 )
 from .typer_setup import with_examples
 
@@ -85,15 +87,9 @@ def generate(
     ),
 ) -> None:
     """Continue PROMPT with a CALM model (or a token-level baseline)."""
-    from ..runtime.settings import (
-        GenerationSettings,
-        check_candidate_decoder,
-        check_candidate_dtype,
-        check_settings,
-    )
+    from ..runtime.settings import check_candidate_decoder, check_candidate_dtype
 
-    settings = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
-    check_settings(settings)
+    settings = typed_settings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
     check_candidate_decoder(candidate_decoder)
     check_candidate_dtype(candidate_dtype)
     if jsonl and prompt is not None:
@@ -205,18 +201,13 @@ def _jsonl_input(file: Optional[Path]) -> list[str]:
     return [line.decode("utf-8", "surrogateescape") for line in raw.split(b"\n")]
 
 
-JSONL_FIELDS = {  # key: (GenerationSettings field, type, valid, wording)
-    "temp": ("temperature", float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "max_tokens": ("max_tokens", int, lambda v: v >= 1, "a whole number >= 1"),
-    "samples": ("num_samples", int, lambda v: 1 <= v <= SAMPLES_LIMIT, f"a whole number in [1, {SAMPLES_LIMIT}]"),
-    "seed": ("seed", int, lambda v: 0 <= v <= MAX_SEED, "a whole number in [0, 2^63)"),
-}
+JSONL_FIELDS = {"temp": ("temperature", float), "max_tokens": ("max_tokens", int), "samples": ("num_samples", int),
+                "seed": ("seed", int)}  # key: (GenerationSettings field, type); ranges are the settings gate's
+JSONL_NAMES = {field: f'"{key}"' for key, (field, _) in JSONL_FIELDS.items()}
 
 
 def _jsonl_request(line: str, defaults: GenerationSettings) -> tuple[str, GenerationSettings]:
     """One --jsonl line -> (prompt, settings); ValueError says what is wrong with it."""
-    from dataclasses import replace
-
     from ..io.tokenizer import SURROGATE
 
     bad = SURROGATE.search(line)
@@ -232,15 +223,18 @@ def _jsonl_request(line: str, defaults: GenerationSettings) -> tuple[str, Genera
     if unknown:
         raise ValueError(f'unknown key "{unknown[0]}" (known: prompt, {", ".join(JSONL_FIELDS)}, id)')
     changes = {}
-    for key, (name, kind, valid, wording) in JSONL_FIELDS.items():
+    for key, (name, kind) in JSONL_FIELDS.items():
         value = obj.get(key)
         if value is None:
             continue
         types = (int, float) if kind is float else (int,)
-        if isinstance(value, bool) or not isinstance(value, types) or not valid(value):
-            raise ValueError(f'"{key}" must be {wording}, got {json.dumps(value)}')
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ValueError(f'"{key}" must be {"a number" if kind is float else "a whole number"}, got {json.dumps(value)}')
         changes[name] = kind(value)
-    return obj["prompt"], replace(defaults, **changes)
+    try:
+        return obj["prompt"], replace(defaults, **changes)
+    except SettingsError as exc:
+        raise ValueError(exc.named(JSONL_NAMES)) from None
 
 
 def _run_jsonl(

@@ -27,6 +27,7 @@ from .common import (
     load_for_cli,
     model_path,
     set_threads,
+    typed_settings,
 )
 from .typer_setup import with_examples
 
@@ -78,12 +79,7 @@ def serve(
     what they have.
     """
     from ..runtime.chat import DEFAULT_TEMPLATE, Template
-    from ..runtime.settings import (
-        GenerationSettings,
-        check_candidate_decoder,
-        check_candidate_dtype,
-        check_settings,
-    )
+    from ..runtime.settings import check_candidate_decoder, check_candidate_dtype
 
     if not 0 < port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {port}")
@@ -93,8 +89,7 @@ def serve(
         raise UsageError("--max-batch must be at least 1")
     if (max_request_logits is not None and max_request_logits < 1) or max_body_bytes < 1:
         raise UsageError("--max-request-logits and --max-body-bytes must be at least 1")
-    defaults = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler)
-    check_settings(defaults)
+    defaults = typed_settings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler)
     check_candidate_decoder(candidate_decoder)
     check_candidate_dtype(candidate_dtype)
     Template.parse(template or DEFAULT_TEMPLATE)

@@ -46,7 +46,7 @@ from .budget import logit_elements, step_candidates
 from .rng import RowRandom, mix64, new_seed
 from .runners import CALMRunner, Runner, make_runner
 from .sampling import SamplingStats
-from .settings import GenerationSettings, check_settings
+from .settings import GenerationSettings
 
 PREFILL_PIECE = 256  # steps of a prompt prefilled per backbone call: bounds prefill memory
 SPAN_QUANTUM = 64  # attention reads the cache up to the longest row, rounded up to this
@@ -222,8 +222,7 @@ class Engine:
     def submit(
         self, prompt: list[int], settings: GenerationSettings, on_update: Callable[[Update], None] | None = None
     ) -> Request:
-        """Queue a prompt (token ids); raises UsageError for bad settings or a prompt longer than the context."""
-        check_settings(settings)
+        """Queue a prompt (token ids); raises UsageError for a prompt longer than the context (settings checked themselves)."""
         prompt = self._framed(prompt)
         if len(prompt) // self.k >= self.context:
             raise PromptTooLong(f"prompt is {len(prompt)} tokens; the model's context is {self.context * self.k} tokens")

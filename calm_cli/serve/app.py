@@ -53,7 +53,7 @@ from ..runtime.budget import default_request_logits
 from ..runtime.chat import DEFAULT_TEMPLATE, Conversation, Template, Turn
 from ..runtime.engine import Engine, PromptTooLong, Update
 from ..runtime.engine import Request as EngineRequest
-from ..runtime.settings import DEFAULT_MAX_BODY_BYTES, MAX_SEED, SAMPLES_LIMIT, GenerationSettings
+from ..runtime.settings import DEFAULT_MAX_BODY_BYTES, MAX_SEED, SAMPLES_LIMIT, GenerationSettings, SettingsError
 from ..runtime.text import TextStream
 from ..runtime.threads import ThreadChoice
 from .guard import Guard, error_body
@@ -61,6 +61,8 @@ from .worker import EngineFailed, EngineWorker
 
 log = logging.getLogger("calm.serve")
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}
+# The request field each generation setting comes from, to word the settings gate's errors (runtime/settings.py)
+FIELDS = {"num_samples": "samples"}
 MAX_CHOICES = 16
 MAX_STOPS = 4
 DISCONNECT_CHECK_S = 0.1  # how often a non-streaming handler asks whether its client is still there
@@ -105,7 +107,7 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0)
+    temperature: float | None = None  # its range is the settings gate's (runtime/settings.py)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: Text | list[Text] | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
@@ -288,22 +290,22 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
         if body.model != config.model_name:
             raise ApiError(404, f"model '{body.model}' does not exist; this server has '{config.model_name}'",
                            param="model", code="model_not_found")
-        if body.temperature is not None and body.temperature > 1.0:
-            raise ApiError(400, f"temperature must be in [0, 1], got {body.temperature}: CALM samples at T = 1/n by "
-                           "rejection from a model without likelihoods, so it cannot go above T = 1", param="temperature",
-                           code="invalid_value")
+        try:
+            base = replace(
+                config.defaults,
+                max_tokens=max_tokens or config.defaults.max_tokens,
+                temperature=config.defaults.temperature if body.temperature is None else float(body.temperature),
+                num_samples=body.samples or config.defaults.num_samples,
+                sampler=body.sampler or config.defaults.sampler,
+                seed=body.seed,
+                ignore_eos=body.ignore_eos,
+            )
+        except SettingsError as exc:
+            field = FIELDS.get(exc.field, exc.field)
+            raise ApiError(400, exc.named(FIELDS), param=field, code="invalid_value") from None
         if body.logprobs not in (None, False, 0):
             raise ApiError(400, "logprobs are not available: CALM has no token likelihoods", param="logprobs",
                            code="unsupported")
-        base = replace(
-            config.defaults,
-            max_tokens=max_tokens or config.defaults.max_tokens,
-            temperature=config.defaults.temperature if body.temperature is None else float(body.temperature),
-            num_samples=body.samples or config.defaults.num_samples,
-            sampler=body.sampler or config.defaults.sampler,
-            seed=body.seed,
-            ignore_eos=body.ignore_eos,
-        )
         refuse_unsupported(body)
         capacity = engine.max_batch + config.max_queue
         if prompts * body.n > capacity:
