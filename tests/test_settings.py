@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from calm_cli.cli.common import FLAGS, typed_settings
+from calm_cli.cli.common import FLAGS, typed_engine_options, typed_settings
 from calm_cli.errors import UsageError
 from calm_cli.runtime.settings import MAX_BETA, GenerationSettings, SettingsError, draws_one, inverse_temperature
 from calm_cli.serve.app import FIELDS
@@ -49,3 +49,18 @@ def test_inverse_temperature_snaps_whole_numbers_and_draws_one_only_at_one() -> 
     assert inverse_temperature(1 / 3) == 3.0 and inverse_temperature(0.4) == 2.5
     assert inverse_temperature(0.0) == math.inf and inverse_temperature(0.5 / MAX_BETA) == math.inf
     assert draws_one(1.0) and draws_one(1 / (1 + 1e-12)) and not draws_one(0.5) and not draws_one(0.0)
+
+
+def test_engine_options_are_checked_before_torch_and_compile_defaults_to_the_device() -> None:
+    import torch
+
+    from calm_cli.runtime.engine import compile_by_default
+    from calm_cli.runtime.settings import EngineOptions
+
+    with pytest.raises(UsageError, match="^--candidate-decoder must be"):
+        typed_engine_options(candidate_decoder="sparse")
+    with pytest.raises(UsageError, match="^--max-batch must be at least 1"):
+        typed_engine_options(max_batch=0)
+    with pytest.raises(SettingsError, match="^candidate_dtype must be"):
+        EngineOptions(candidate_dtype="fp8")
+    assert compile_by_default(torch.device("cuda")) and not compile_by_default(torch.device("cpu"))

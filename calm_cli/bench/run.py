@@ -41,9 +41,9 @@ from ..io.checkpoint import is_baseline, load_baseline, load_model
 from ..models.baseline import TokenTransformer
 from ..models.calm import CALM
 from ..models.config import AutoencoderConfig, CALMConfig, config_from_dict, read_json
-from ..runtime.engine import Engine
+from ..runtime.engine import Engine, build_engine
 from ..runtime.sampling import SamplingStats
-from ..runtime.settings import CANDIDATE_DECODERS, CANDIDATE_DTYPES, GenerationSettings, SettingsError
+from ..runtime.settings import CANDIDATE_DECODERS, CANDIDATE_DTYPES, EngineOptions, GenerationSettings, SettingsError
 
 
 @dataclass(frozen=True)
@@ -269,10 +269,9 @@ class Arm:
 
     def engine_for(self, concurrency: int) -> Engine:
         if self.engine is None or self.engine.max_batch != concurrency:
-            self.engine = Engine(
-                self.subject.model, max_batch=concurrency, candidate_decoder=self.candidate_decoder or "dense", compile=self.compile,
-                candidate_dtype=self.candidate_dtype,
-            )
+            options = EngineOptions(max_batch=concurrency, candidate_decoder=self.candidate_decoder or "dense",
+                                    candidate_dtype=self.candidate_dtype, compile=self.compile)
+            self.engine = build_engine(self.subject.model, options)
         return self.engine
 
 

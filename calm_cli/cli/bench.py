@@ -94,6 +94,7 @@ def bench(
         run_bench,
     )
     from ..runtime.device import resolve_device, resolve_dtype
+    from ..runtime.engine import compile_by_default
 
     if as_json + as_csv + as_md > 1:
         raise UsageError("choose one of --json, --csv and --md")
@@ -112,7 +113,7 @@ def bench(
     )
     check_options(options)
     dev = resolve_device(device)
-    options.compile = compile if compile is not None else dev.type == "cuda"
+    options.compile = compile_by_default(dev) if compile is None else compile
     options.eager_too = eager_too
     dt = resolve_dtype(dtype, dev)
     if model_dir is not None:

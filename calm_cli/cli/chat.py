@@ -29,6 +29,8 @@ from .common import (
     FLAGS,
     SAMPLES_LIMIT,
     SEED_LIMIT,
+    CandidateDecoderOpt,
+    CandidateDtypeOpt,
     DeviceOpt,
     DtypeOpt,
     ModelOpt,
@@ -40,13 +42,14 @@ from .common import (
     load_for_cli,
     seed_option,
     set_threads,
+    typed_engine_options,
     typed_settings,
 )
 from .typer_setup import with_examples
 
 if TYPE_CHECKING:
     from ..models.calm import CALM
-    from ..runtime.settings import GenerationSettings
+    from ..runtime.settings import EngineOptions, GenerationSettings
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -145,9 +148,11 @@ class ChatSession:
         settings: GenerationSettings,
         conversation: Conversation,
         display: Display,
+        engine_options: EngineOptions,
         verbose: bool = False,
     ) -> None:
         self.loader = loader
+        self.engine_options = engine_options
         self.display = display
         self.settings = settings
         self.conversation = conversation
@@ -158,9 +163,9 @@ class ChatSession:
         if model.tokenizer is None:
             raise CalmError(f"{name}: the model has no tokenizer.json")
         self.model_name = name
-        from ..runtime.engine import Engine
+        from ..runtime.engine import build_engine
 
-        self.engine = Engine(model, max_batch=1)
+        self.engine = build_engine(model, self.engine_options)
         self.tokenizer = model.tokenizer
 
     @property
@@ -447,12 +452,13 @@ def run_chat(
     system: str,
     verbose: bool,
     history: bool,
+    engine_options: EngineOptions,
 ) -> None:
     """The chat loop: read a turn, answer it or run its slash command, until /exit or end of input."""
     conversation = Conversation(Template.parse(template), system)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     display = Display(interactive)
-    session = ChatSession(loader, model_name, settings, conversation, display, verbose)
+    session = ChatSession(loader, model_name, settings, conversation, display, engine_options, verbose)
     if interactive:
         read = _terminal_reader(history_path() if history else None, display)
         display.note(f"calm chat · {session.describe()} · /help for commands, Ctrl-D to leave")
@@ -501,6 +507,13 @@ def chat(
     history: bool = typer.Option(True, "--history/--no-history", help="Keep input history in $XDG_DATA_HOME/calm/chat_history (else ~/.local/share/calm/)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    compile: bool = typer.Option(
+        False, "--compile/--no-compile",
+        help="torch.compile the decode step. Off by default, as for `calm generate`: the first reply would wait for a "
+        "cold compile (minutes on a large model).",
+    ),
+    candidate_decoder: str = CandidateDecoderOpt,
+    candidate_dtype: str = CandidateDtypeOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tokens/s and vector-steps/s after each reply (/verbose toggles)."),
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
@@ -509,10 +522,13 @@ def chat(
     Input history, Esc-Enter for a newline, Tab completes /commands (/help lists them). With stdin or stdout not a terminal, each input line is one turn and each reply is one line on stdout.
     """
     settings = typed_settings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
+    # one conversation decodes one row at a time: more slots would only hold cache
+    options = typed_engine_options(max_batch=1, candidate_decoder=candidate_decoder, candidate_dtype=candidate_dtype,
+                                   compile=compile)
     threads_used = set_threads(threads)
     if verbose:
         err.print(f"[dim]{threads_used}[/dim]")
     run_chat(
         lambda name: load_for_cli(name, device, dtype), model or os.environ.get("CALM_MODEL") or "default", settings,
-        DEFAULT_TEMPLATE if template is None else template, system, verbose, history,
+        DEFAULT_TEMPLATE if template is None else template, system, verbose, history, options,
     )

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 from ..errors import UsageError
-from ..runtime.settings import MAX_SEED, SAMPLES_LIMIT, GenerationSettings, SettingsError
+from ..runtime.settings import MAX_SEED, SAMPLES_LIMIT, EngineOptions, GenerationSettings, SettingsError
 from ..runtime.threads import LoadWindow, ThreadChoice, requested_threads
 
 if TYPE_CHECKING:
@@ -24,7 +24,8 @@ STATE = {"debug": False, "download": False}  # --debug and --download, taken any
 
 # The flag each generation setting is typed as, to word the settings gate's errors (runtime/settings.py)
 FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temp", "num_samples": "--samples", "sampler": "--sampler",
-         "seed": "--seed"}
+         "seed": "--seed", "max_batch": "--max-batch", "candidate_decoder": "--candidate-decoder",
+         "candidate_dtype": "--candidate-dtype"}
 
 ModelOpt = typer.Option(
     None, "--model", "-m", metavar="NAME|DIR",
@@ -171,3 +172,11 @@ def typed_settings(
         return GenerationSettings(**fields) if base is None else replace(base, **fields)
     except SettingsError as exc:
         raise UsageError(exc.named(names)) from None
+
+
+def typed_engine_options(**fields: Any) -> EngineOptions:
+    """Engine options from the command's flags, an error naming the flag."""
+    try:
+        return EngineOptions(**fields)
+    except SettingsError as exc:
+        raise UsageError(exc.named(FLAGS)) from None

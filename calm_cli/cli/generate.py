@@ -32,6 +32,7 @@ from .common import (
     read_text,
     seed_option,
     set_threads,
+    typed_engine_options,
     typed_settings,
 )
 from .typer_setup import with_examples
@@ -87,15 +88,11 @@ def generate(
     ),
 ) -> None:
     """Continue PROMPT with a CALM model (or a token-level baseline)."""
-    from ..runtime.settings import check_candidate_decoder, check_candidate_dtype
-
     settings = typed_settings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
-    check_candidate_decoder(candidate_decoder)
-    check_candidate_dtype(candidate_dtype)
+    options = typed_engine_options(max_batch=max_batch if jsonl else 1, candidate_decoder=candidate_decoder,
+                                   candidate_dtype=candidate_dtype, compile=compile)
     if jsonl and prompt is not None:
         raise UsageError("--jsonl reads prompts from stdin or -f FILE, not from PROMPT")
-    if max_batch is not None and max_batch < 1:
-        raise UsageError("--max-batch must be at least 1")
     if max_request_logits is not None and max_request_logits < 1:
         raise UsageError("--max-request-logits must be at least 1")
     lines = _jsonl_input(file) if jsonl else []
@@ -107,13 +104,10 @@ def generate(
     t0 = time.perf_counter()
     calm = load_for_cli(str(directory), device, dtype, ae, tokenizer)
     load_s = time.perf_counter() - t0
-    from ..runtime.engine import (
-        Engine,  # torch is loaded by now; arguments were checked without it
-    )
+    from ..runtime.engine import build_engine  # torch is loaded by now; arguments were checked without it
     from ..runtime.text import GenerationStats, stream_text
 
-    engine = Engine(calm, max_batch=max_batch if jsonl else 1, compile=compile, candidate_decoder=candidate_decoder,
-                    candidate_dtype=candidate_dtype)
+    engine = build_engine(calm, options)
     if jsonl:
         from ..runtime.budget import default_request_logits
 

@@ -27,6 +27,7 @@ from .common import (
     load_for_cli,
     model_path,
     set_threads,
+    typed_engine_options,
     typed_settings,
 )
 from .typer_setup import with_examples
@@ -79,19 +80,16 @@ def serve(
     what they have.
     """
     from ..runtime.chat import DEFAULT_TEMPLATE, Template
-    from ..runtime.settings import check_candidate_decoder, check_candidate_dtype
 
     if not 0 < port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {port}")
     if max_queue < 0:
         raise UsageError("--max-queue must be at least 0")
-    if max_batch is not None and max_batch < 1:
-        raise UsageError("--max-batch must be at least 1")
     if (max_request_logits is not None and max_request_logits < 1) or max_body_bytes < 1:
         raise UsageError("--max-request-logits and --max-body-bytes must be at least 1")
     defaults = typed_settings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler)
-    check_candidate_decoder(candidate_decoder)
-    check_candidate_dtype(candidate_dtype)
+    options = typed_engine_options(max_batch=max_batch, candidate_decoder=candidate_decoder,
+                                   candidate_dtype=candidate_dtype, compile=compile)
     Template.parse(template or DEFAULT_TEMPLATE)
     path = model_path(model)
     threads_used = set_threads(threads)  # once, for the server's life
@@ -99,16 +97,13 @@ def serve(
     import uvicorn  # the server's packages and torch load only once the arguments are good
 
     from ..io.registry import model_label
-    from ..runtime.engine import Engine
+    from ..runtime.engine import build_engine
     from ..serve.app import ServeConfig, create_app
     from ..serve.worker import EngineWorker
 
     if loaded.tokenizer is None:
         raise CalmError("the model has no tokenizer.json: the server needs one")
-    use_compile = compile if compile is not None else loaded.transformer.embed_tokens.weight.is_cuda
-    engine = Engine(
-        loaded, max_batch=max_batch, candidate_decoder=candidate_decoder, candidate_dtype=candidate_dtype, compile=use_compile
-    )
+    engine = build_engine(loaded, options)
     worker = EngineWorker(engine)
     config = ServeConfig(
         model_name=name or model_label(path), defaults=defaults, max_queue=max_queue, api_key=api_key,

@@ -90,11 +90,30 @@ def draws_one(temperature: float) -> bool:
     return inverse_temperature(temperature) == 1.0
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How a command builds its engine, from its flags; checked on construction, before torch loads.
+
+    `compile=None` leaves the choice to the device (`runtime.engine.build_engine`: on for CUDA).
+    """
+
+    max_batch: int | None = None
+    candidate_decoder: str = "fast"
+    candidate_dtype: str = "auto"
+    compile: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batch is not None and self.max_batch < 1:
+            raise SettingsError("max_batch", f"must be at least 1, got {self.max_batch}")
+        check_candidate_decoder(self.candidate_decoder)
+        check_candidate_dtype(self.candidate_dtype)
+
+
 def check_candidate_decoder(name: str) -> None:
     if name not in CANDIDATE_DECODERS:
-        raise UsageError(f"--candidate-decoder must be 'dense' or 'fast', got '{name}'")
+        raise SettingsError("candidate_decoder", f"must be 'dense' or 'fast', got '{name}'")
 
 
 def check_candidate_dtype(name: str) -> None:
     if name not in CANDIDATE_DTYPES:
-        raise UsageError(f"--candidate-dtype must be auto, float32 or bf16, got '{name}'")
+        raise SettingsError("candidate_dtype", f"must be auto, float32 or bf16, got '{name}'")
