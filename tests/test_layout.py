@@ -49,8 +49,15 @@ def _is_module(name: str) -> bool:
 
 
 def test_every_module_imports() -> None:
-    for name in modules():
-        importlib.import_module(name)
+    """Every .py file in the package is a module the walk finds (no folder lacks its __init__), and each imports."""
+    on_disk = {
+        ".".join(("calm_cli", *p.relative_to(ROOT).with_suffix("").parts)).removesuffix(".__init__")
+        for p in ROOT.rglob("*.py") if p.name != "__main__.py"
+    }
+    names = ["calm_cli", *modules()]
+    assert set(names) == on_disk, on_disk ^ set(names)
+    for name in names:
+        assert importlib.import_module(name).__name__ == name
 
 
 def test_every_folder_is_a_known_layer() -> None:
