@@ -112,3 +112,14 @@ def test_the_checks_can_fail() -> None:
     assert upward(fake) == ["calm_cli.models.a -> calm_cli.io.b"]
     assert find_cycle(fake) == ["calm_cli.io.b", "calm_cli.models.a", "calm_cli.io.b"]
     assert "calm_cli.io.checkpoint" in package_graph()["calm_cli.cli.model"]
+
+
+def test_no_function_is_longer_than_100_lines() -> None:
+    """A function that does not fit on a screen or two does more than one thing; split it."""
+    long = [
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in ROOT.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 100
+    ]
+    assert not long, long

@@ -132,19 +132,8 @@ def generate(
         if not stream:
             sys.stdout.write(completion)
         sys.stdout.write("\n")
-    new_tokens = stats.completion_tokens[0] if stats.completion_tokens else 0
-    report = {
-        "text": completion,
-        "prompt_tokens": stats.prompt_tokens[0] if stats.prompt_tokens else 0,
-        "completion_tokens": new_tokens,
-        "steps": stats.steps,
-        "finish_reason": finish,
-        "load_s": round(load_s, 4),
-        "prefill_s": round(stats.prefill_s, 4),
-        "decode_s": round(stats.decode_s, 4),
-        "tokens_per_s": round(new_tokens / stats.decode_s, 2) if stats.decode_s else None,
-        "steps_per_s": round(stats.steps / stats.decode_s, 2) if stats.decode_s else None,
-    }
+    report = _report(completion, finish, stats, load_s)
+    new_tokens = report["completion_tokens"]
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")
     if verbose:
@@ -156,11 +145,29 @@ def generate(
         )
 
 
+def _report(completion: str, finish: str | None, stats: GenerationStats, load_s: float) -> dict[str, typing.Any]:
+    """The --json object of one generation: its text, token counts, finish reason and timings."""
+    new_tokens = stats.completion_tokens[0] if stats.completion_tokens else 0
+    return {
+        "text": completion,
+        "prompt_tokens": stats.prompt_tokens[0] if stats.prompt_tokens else 0,
+        "completion_tokens": new_tokens,
+        "steps": stats.steps,
+        "finish_reason": finish,
+        "load_s": round(load_s, 4),
+        "prefill_s": round(stats.prefill_s, 4),
+        "decode_s": round(stats.decode_s, 4),
+        "tokens_per_s": round(new_tokens / stats.decode_s, 2) if stats.decode_s else None,
+        "steps_per_s": round(stats.steps / stats.decode_s, 2) if stats.decode_s else None,
+    }
+
+
 if typing.TYPE_CHECKING:
     from tokenizers import Tokenizer
 
     from ..runtime.engine import Engine, Request
     from ..runtime.settings import GenerationSettings
+    from ..runtime.text import GenerationStats
 
 
 def _generate_prompt(prompt: Optional[str], file: Optional[Path]) -> str:

@@ -33,6 +33,8 @@ from .common import (
 from .typer_setup import with_examples
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from ..serve.worker import EngineWorker
 
 
@@ -132,6 +134,12 @@ def serve(
         warm = f", compiled: warm-up {worker.warmup_s:.1f} s, {engine.compile_watch.graphs} graphs"
     err.print(f"calm serve: '{config.model_name}' (K={engine.k}, {engine.max_batch} slots{warm}) on http://{host}:{port}/v1 · "
               f"{threads_used}, chosen once at start", soft_wrap=True)
+    _run_until_stopped(server, host, port)
+    _exit_if_busy(worker)
+
+
+def _run_until_stopped(server: uvicorn.Server, host: str, port: int) -> None:
+    """Serve until SIGINT or SIGTERM; a port that could not be bound is a one-line error."""
     # uvicorn raises the stop signal again once it has shut down; it lands here, so the exit code is 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -141,7 +149,6 @@ def serve(
             signal.signal(sig, handler)
     if not server.started:
         raise CalmError(f"could not listen on {host}:{port}")
-    _exit_if_busy(worker)
 
 
 def _exit_if_busy(worker: EngineWorker) -> None:
