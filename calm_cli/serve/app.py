@@ -54,7 +54,7 @@ from ..runtime.chat import DEFAULT_TEMPLATE, Conversation, Template, Turn
 from ..runtime.engine import Engine, PromptTooLong, Update
 from ..runtime.engine import Request as EngineRequest
 from ..runtime.settings import DEFAULT_MAX_BODY_BYTES, MAX_SEED, SAMPLES_LIMIT, GenerationSettings, SettingsError
-from ..runtime.text import TextStream
+from ..runtime.text import TextStream, text_delta
 from ..runtime.threads import ThreadChoice
 from .guard import Guard, error_body
 from .worker import EngineFailed, EngineWorker
@@ -360,13 +360,12 @@ class Service:
         if index is None or choices[index].finish_reason is not None:
             return None
         choice = choices[index]
-        final = update.finish_reason is not None
-        text = choice.stream.feed(update.tokens, final=final)
-        if choice.stream.stopped:
-            self.worker.cancel(choice.request, "stop")
-            choice.finish_reason = "stop"
-        elif final:
-            choice.finish_reason = FINISH.get(update.finish_reason, update.finish_reason)
+        delta = text_delta(choice.stream, update, self.worker.cancel)
+        if delta is None:
+            return None
+        text, finish = delta
+        if finish is not None:
+            choice.finish_reason = FINISH.get(finish, finish)
         if chat and not choice.text:
             text = text.lstrip()  # the reply follows "Assistant:"; its leading space or newline is not content
         choice.text += text
