@@ -27,8 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calm_cli.runtime.budget import logit_budget, logit_elements  # noqa: E402
 from leftover_memory import rss_peak_mb  # noqa: E402  (benchmarks/ is this script's folder, first on sys.path)
+
+from calm_cli.runtime.budget import logit_budget, logit_elements  # noqa: E402
 
 
 def measure(args: argparse.Namespace) -> dict:

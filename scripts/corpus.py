@@ -815,11 +815,11 @@ def source_austen(fetch: Fetcher) -> Source | None:
     docs: list[str] = []
     try:
         for rdx in _sorted_files(root, "usr/lib/R/site-library/janeaustenr/data/*.rdx"):
-            for name, value in sorted(read_lazyload_db(rdx).items()):
+            for _, value in sorted(read_lazyload_db(rdx).items()):
                 if isinstance(value, list) and all(isinstance(v, (str, type(None))) for v in value):
                     docs.extend(group_paragraphs(austen_paragraphs(value)))
         for rda in _sorted_files(root, "usr/lib/R/site-library/janeaustenr/data/*.rda"):
-            for name, value in sorted(read_rda(rda.read_bytes()).items()):
+            for _, value in sorted(read_rda(rda.read_bytes()).items()):
                 if isinstance(value, list) and all(isinstance(v, (str, type(None))) for v in value):
                     docs.extend(group_paragraphs(austen_paragraphs(value)))
     except (RDataError, KeyError, ValueError, zlib.error, lzma.LZMAError) as exc:

@@ -281,7 +281,7 @@ def test_engine_generates_the_same_with_either_decoder(tiny_model, sampler: str,
 
 
 def test_unknown_candidate_decoder_is_a_usage_error(tiny_model) -> None:
-    with pytest.raises(UsageError, match="candidate-decoder"):
+    with pytest.raises(UsageError, match="candidate_decoder"):
         Engine(tiny_model, candidate_decoder="int8")
 
 

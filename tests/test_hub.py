@@ -15,9 +15,10 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 from urllib.parse import unquote, urlsplit
 
 import pytest
@@ -291,7 +292,7 @@ class HubServer:
 
         return Handler
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 

@@ -49,8 +49,15 @@ def _is_module(name: str) -> bool:
 
 
 def test_every_module_imports() -> None:
-    for name in modules():
-        importlib.import_module(name)
+    """Every .py file in the package is a module the walk finds (no folder lacks its __init__), and each imports."""
+    on_disk = {
+        ".".join(("calm_cli", *p.relative_to(ROOT).with_suffix("").parts)).removesuffix(".__init__")
+        for p in ROOT.rglob("*.py") if p.name != "__main__.py"
+    }
+    names = ["calm_cli", *modules()]
+    assert set(names) == on_disk, on_disk ^ set(names)
+    for name in names:
+        assert importlib.import_module(name).__name__ == name
 
 
 def test_every_folder_is_a_known_layer() -> None:
@@ -105,3 +112,14 @@ def test_the_checks_can_fail() -> None:
     assert upward(fake) == ["calm_cli.models.a -> calm_cli.io.b"]
     assert find_cycle(fake) == ["calm_cli.io.b", "calm_cli.models.a", "calm_cli.io.b"]
     assert "calm_cli.io.checkpoint" in package_graph()["calm_cli.cli.model"]
+
+
+def test_no_function_is_longer_than_100_lines() -> None:
+    """A function that does not fit on a screen or two does more than one thing; split it."""
+    long = [
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in ROOT.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 100
+    ]
+    assert not long, long

@@ -73,7 +73,7 @@ def test_jsonl_per_line_settings_and_validation(tmp_path):
     out = [json.loads(line) for line in r.stdout.splitlines()]
     assert [o["line"] for o in out] == [1, 2, 3, 4, 5, 7, 8]
     assert [o.get("completion_tokens") for o in out] == [12, 4, None, None, None, None, 8]
-    assert '"temp" must be a number in [0, 1]' in out[2]["error"]
+    assert '"temp" must be in [0, 1]' in out[2]["error"]
     assert 'unknown key "max_token"' in out[3]["error"]
     assert "string \"prompt\"" in out[4]["error"] and "context" in out[5]["error"]
 

@@ -354,7 +354,7 @@ def test_bad_arguments_are_usage_errors(kwargs: dict) -> None:
 
 
 def test_a_temperature_below_one_over_max_beta_picks_as_zero_does() -> None:
-    from calm_cli.runtime.sampling import MAX_BETA
+    from calm_cli.runtime.settings import MAX_BETA
 
     pool = torch.tensor([[[1, 1], [2, 2], [2, 2], [3, 3]]] * 5)
     for temperature in (1e-20, 5e-324, 0.5 / MAX_BETA):

@@ -59,3 +59,18 @@ def test_text_that_only_looks_like_a_stop_prefix_is_released_at_the_end(tokenize
     stream = TextStream(tokenizer, stop=[" User:"])
     held = "".join(stream.feed([i]) for i in ids)
     assert held == "ends with" and stream.feed([], final=True) == " Us" and not stream.stopped
+
+
+def test_text_delta_cuts_at_a_stop_string_and_cancels_once(tokenizer: Tokenizer) -> None:
+    from calm_cli.runtime.engine import Update
+    from calm_cli.runtime.text import text_delta
+
+    request = object()
+    cancelled: list[str] = []
+    stream = TextStream(tokenizer, ["\nUser:"])
+    ids = tokenizer.encode("Hello there.\nUser: more").ids
+    deltas = [text_delta(stream, Update(request, [i]), lambda r, why: cancelled.append(why)) for i in ids]
+    reported = [d for d in deltas if d is not None]
+    assert "".join(text for text, _ in reported) == "Hello there."
+    assert reported[-1][1] == "stop" and cancelled == ["stop"]
+    assert text_delta(stream, Update(request, ids[:1], "length"), lambda r, why: cancelled.append(why)) is None

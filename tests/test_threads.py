@@ -9,7 +9,15 @@ from helpers import run_calm
 
 from calm_cli.errors import UsageError
 from calm_cli.runtime import threads
-from calm_cli.runtime.threads import MIN_WINDOW_S, CpuSample, LoadWindow, ThreadChoice, decide, read_sample, requested_threads
+from calm_cli.runtime.threads import (
+    MIN_WINDOW_S,
+    CpuSample,
+    LoadWindow,
+    ThreadChoice,
+    decide,
+    read_sample,
+    requested_threads,
+)
 
 TINY = "tests/fixtures/official-tiny/calm"
 TICKS = 100  # clock ticks per core in one window (one second at USER_HZ 100)

@@ -30,9 +30,10 @@ import math
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -41,9 +42,9 @@ from ..io.checkpoint import is_baseline, load_baseline, load_model
 from ..models.baseline import TokenTransformer
 from ..models.calm import CALM
 from ..models.config import AutoencoderConfig, CALMConfig, config_from_dict, read_json
-from ..runtime.engine import Engine
+from ..runtime.engine import Engine, build_engine
 from ..runtime.sampling import SamplingStats
-from ..runtime.settings import CANDIDATE_DECODERS, CANDIDATE_DTYPES, GenerationSettings
+from ..runtime.settings import CANDIDATE_DECODERS, CANDIDATE_DTYPES, EngineOptions, GenerationSettings, SettingsError
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class Preset:
 # S is the authors' default backbone and M is CALM-M. L and XL are inferred from the paper's
 # parameter counts (735M and 1.82B with this vocabulary and autoencoder); their head counts
 # are our assumption. tiny is for CPU tests, with an autoencoder scaled down to match.
+# The `calm bench` flag each generation setting is typed as, to word the settings gate's errors
+FLAGS = {"temperature": "--temp", "num_samples": "--samples", "sampler": "--sampler"}
 PRESETS = {
     "tiny": Preset(256, 688, 4, 4, vocab=8192, ae_hidden=128, ae_intermediate=320, latent=32, noise=32),
     "S": Preset(768, 2048, 12, 12),
@@ -105,14 +108,15 @@ def check_options(options: BenchOptions) -> None:
     """Reject what the benchmark cannot run, before any model is built."""
     if min(options.ks) < 1 or min(options.batches) < 1:
         raise UsageError("--K and --concurrency values must be at least 1")
-    if any(not 0.0 <= t <= 1.0 for t in options.temperatures):
-        raise UsageError("--temp values must be in [0, 1]")
-    if options.prompt_tokens < 1 or options.repetitions < 1 or options.num_samples < 1:
-        raise UsageError("-p, -r and --samples must be at least 1")
+    for temperature in options.temperatures:
+        try:
+            GenerationSettings(temperature=temperature, num_samples=options.num_samples, sampler=options.sampler)
+        except SettingsError as exc:
+            raise UsageError(exc.named(FLAGS)) from None
+    if options.prompt_tokens < 1 or options.repetitions < 1:
+        raise UsageError("-p and -r must be at least 1")
     if options.new_tokens <= max(options.ks):
         raise UsageError(f"-n must be more than K ({max(options.ks)}): a run needs steps after the first chunk")
-    if options.sampler not in ("approx", "exact"):
-        raise UsageError(f"--sampler must be 'approx' or 'exact', got '{options.sampler}'")
     if not options.candidate_decoders or set(options.candidate_decoders) - set(CANDIDATE_DECODERS):
         raise UsageError(f"--candidate-decoder takes dense, fast or dense,fast, got '{','.join(options.candidate_decoders)}'")
     if not options.candidate_dtypes or set(options.candidate_dtypes) - set(CANDIDATE_DTYPES):
@@ -266,10 +270,9 @@ class Arm:
 
     def engine_for(self, concurrency: int) -> Engine:
         if self.engine is None or self.engine.max_batch != concurrency:
-            self.engine = Engine(
-                self.subject.model, max_batch=concurrency, candidate_decoder=self.candidate_decoder or "dense", compile=self.compile,
-                candidate_dtype=self.candidate_dtype,
-            )
+            options = EngineOptions(max_batch=concurrency, candidate_decoder=self.candidate_decoder or "dense",
+                                    candidate_dtype=self.candidate_dtype, compile=self.compile)
+            self.engine = build_engine(self.subject.model, options)
         return self.engine
 
 

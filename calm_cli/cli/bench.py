@@ -82,9 +82,6 @@ def bench(
     CPU the process's resident high-water mark (reset per row on Linux).
     """
 
-    from rich.console import Console
-
-    from ..bench.report import render_table, to_csv, to_markdown, variation_warnings
     from ..bench.run import (
         BenchOptions,
         check_options,
@@ -94,6 +91,7 @@ def bench(
         run_bench,
     )
     from ..runtime.device import resolve_device, resolve_dtype
+    from ..runtime.engine import compile_by_default
 
     if as_json + as_csv + as_md > 1:
         raise UsageError("choose one of --json, --csv and --md")
@@ -112,7 +110,7 @@ def bench(
     )
     check_options(options)
     dev = resolve_device(device)
-    options.compile = compile if compile is not None else dev.type == "cuda"
+    options.compile = compile_by_default(dev) if compile is None else compile
     options.eager_too = eager_too
     dt = resolve_dtype(dtype, dev)
     if model_dir is not None:
@@ -121,6 +119,15 @@ def bench(
         makers, source = preset_subjects(preset or "tiny", options.ks, dev, dt), f"preset {preset or 'tiny'}"
     report = run_bench(makers, options, dev, source, progress=lambda line: err.print(f"[dim]{line}[/dim]"))
     report["threads_reason"] = threads_used.reason
+    _print_report(report, as_json, as_csv, as_md, wide)
+
+
+def _print_report(report: dict, as_json: bool, as_csv: bool, as_md: bool, wide: bool) -> None:
+    """The rows on stdout in the format asked for, then any warning about noisy rows on stderr."""
+    from rich.console import Console
+
+    from ..bench.report import render_table, to_csv, to_markdown, variation_warnings
+
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")
     elif as_csv:
@@ -128,6 +135,7 @@ def bench(
     elif as_md:
         sys.stdout.write(to_markdown(report))
     else:
-        render_table(report, Console(highlight=False, width=None if sys.stdout.isatty() else (220 if wide else 100)), wide=wide)
+        width = None if sys.stdout.isatty() else (220 if wide else 100)
+        render_table(report, Console(highlight=False, width=width), wide=wide)
     for line in variation_warnings(report):
         err.print(f"warning: {line}", markup=False)

@@ -16,9 +16,10 @@ import difflib
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
@@ -26,8 +27,11 @@ from ..errors import CalmError, UsageError
 from ..io.atomic import write_text_atomic
 from ..runtime.chat import DEFAULT_TEMPLATE, Conversation, Template, Turn
 from .common import (
+    FLAGS,
     SAMPLES_LIMIT,
     SEED_LIMIT,
+    CandidateDecoderOpt,
+    CandidateDtypeOpt,
     DeviceOpt,
     DtypeOpt,
     ModelOpt,
@@ -39,12 +43,14 @@ from .common import (
     load_for_cli,
     seed_option,
     set_threads,
+    typed_engine_options,
+    typed_settings,
 )
 from .typer_setup import with_examples
 
 if TYPE_CHECKING:
     from ..models.calm import CALM
-    from ..runtime.settings import GenerationSettings
+    from ..runtime.settings import EngineOptions, GenerationSettings
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -122,6 +128,8 @@ HELP = [
     ("/verbose", "toggle tokens/s and vector-steps/s after each reply"),
     ("/exit", "leave (also /bye, Ctrl-D, or Ctrl-C on an empty prompt)"),
 ]
+# The slash command that changes each generation setting, to word the settings gate's errors
+COMMANDS = {**FLAGS, "max_tokens": "/max-tokens", "temperature": "/temp", "num_samples": "/samples", "seed": "/seed"}
 KEYS = [
     ("Esc-Enter", "new line (Alt-Enter in most terminals)"),
     ('"""', "start and end a multi-line message"),
@@ -141,9 +149,11 @@ class ChatSession:
         settings: GenerationSettings,
         conversation: Conversation,
         display: Display,
+        engine_options: EngineOptions,
         verbose: bool = False,
     ) -> None:
         self.loader = loader
+        self.engine_options = engine_options
         self.display = display
         self.settings = settings
         self.conversation = conversation
@@ -154,9 +164,9 @@ class ChatSession:
         if model.tokenizer is None:
             raise CalmError(f"{name}: the model has no tokenizer.json")
         self.model_name = name
-        from ..runtime.engine import Engine
+        from ..runtime.engine import build_engine
 
-        self.engine = Engine(model, max_batch=1)
+        self.engine = build_engine(model, self.engine_options)
         self.tokenizer = model.tokenizer
 
     @property
@@ -240,14 +250,7 @@ class ChatSession:
             return True
 
     def _settings(self, **changes: Any) -> None:
-        from ..runtime.settings import check_settings
-
-        settings = replace(self.settings, **changes)
-        try:
-            check_settings(settings)
-        except UsageError as exc:
-            raise UsageError(str(exc).replace("--", "/", 1)) from None
-        self.settings = settings
+        self.settings = typed_settings(self.settings, COMMANDS, **changes)
 
     def _cmd_help(self, arg: str) -> None:
         width = max(len(usage) for usage, _ in HELP + KEYS) + 2
@@ -450,15 +453,13 @@ def run_chat(
     system: str,
     verbose: bool,
     history: bool,
+    engine_options: EngineOptions,
 ) -> None:
     """The chat loop: read a turn, answer it or run its slash command, until /exit or end of input."""
-    from ..runtime.settings import check_settings
-
-    check_settings(settings)
     conversation = Conversation(Template.parse(template), system)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     display = Display(interactive)
-    session = ChatSession(loader, model_name, settings, conversation, display, verbose)
+    session = ChatSession(loader, model_name, settings, conversation, display, engine_options, verbose)
     if interactive:
         read = _terminal_reader(history_path() if history else None, display)
         display.note(f"calm chat · {session.describe()} · /help for commands, Ctrl-D to leave")
@@ -507,6 +508,13 @@ def chat(
     history: bool = typer.Option(True, "--history/--no-history", help="Keep input history in $XDG_DATA_HOME/calm/chat_history (else ~/.local/share/calm/)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    compile: bool = typer.Option(
+        False, "--compile/--no-compile",
+        help="torch.compile the decode step. Off by default, as for `calm generate`: the first reply would wait for a "
+        "cold compile (minutes on a large model).",
+    ),
+    candidate_decoder: str = CandidateDecoderOpt,
+    candidate_dtype: str = CandidateDtypeOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tokens/s and vector-steps/s after each reply (/verbose toggles)."),
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
@@ -514,14 +522,14 @@ def chat(
 
     Input history, Esc-Enter for a newline, Tab completes /commands (/help lists them). With stdin or stdout not a terminal, each input line is one turn and each reply is one line on stdout.
     """
-    from ..runtime.settings import GenerationSettings, check_settings
-
-    settings = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
-    check_settings(settings)  # before set_threads, which loads torch
+    settings = typed_settings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
+    # one conversation decodes one row at a time: more slots would only hold cache
+    options = typed_engine_options(max_batch=1, candidate_decoder=candidate_decoder, candidate_dtype=candidate_dtype,
+                                   compile=compile)
     threads_used = set_threads(threads)
     if verbose:
         err.print(f"[dim]{threads_used}[/dim]")
     run_chat(
         lambda name: load_for_cli(name, device, dtype), model or os.environ.get("CALM_MODEL") or "default", settings,
-        DEFAULT_TEMPLATE if template is None else template, system, verbose, history,
+        DEFAULT_TEMPLATE if template is None else template, system, verbose, history, options,
     )

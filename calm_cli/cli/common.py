@@ -7,19 +7,25 @@ modules import torch and the runtime only inside their command functions.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from ..errors import UsageError
-from ..runtime.settings import MAX_SEED, SAMPLES_LIMIT
+from ..runtime.settings import MAX_SEED, SAMPLES_LIMIT, EngineOptions, GenerationSettings, SettingsError
 from ..runtime.threads import LoadWindow, ThreadChoice, requested_threads
 
 if TYPE_CHECKING:
     from rich.console import Console
 
 STATE = {"debug": False, "download": False}  # --debug and --download, taken anywhere on the command line (main.py)
+
+# The flag each generation setting is typed as, to word the settings gate's errors (runtime/settings.py)
+FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temp", "num_samples": "--samples", "sampler": "--sampler",
+         "seed": "--seed", "max_batch": "--max-batch", "candidate_decoder": "--candidate-decoder",
+         "candidate_dtype": "--candidate-dtype"}
 
 ModelOpt = typer.Option(
     None, "--model", "-m", metavar="NAME|DIR",
@@ -159,3 +165,21 @@ def read_text(path: Path) -> str:
         raise UsageError(f"{path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise UsageError(f"{path}: not UTF-8 text") from None
+
+
+def typed_settings(
+    base: GenerationSettings | None = None, names: dict[str, str] = FLAGS, **fields: Any
+) -> GenerationSettings:
+    """Settings from what the user typed (`base` with `fields` changed), an error naming the user's own flag."""
+    try:
+        return GenerationSettings(**fields) if base is None else replace(base, **fields)
+    except SettingsError as exc:
+        raise UsageError(exc.named(names)) from None
+
+
+def typed_engine_options(**fields: Any) -> EngineOptions:
+    """Engine options from the command's flags, an error naming the flag."""
+    try:
+        return EngineOptions(**fields)
+    except SettingsError as exc:
+        raise UsageError(exc.named(FLAGS)) from None

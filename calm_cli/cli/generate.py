@@ -6,13 +6,14 @@ import json
 import sys
 import time
 import typing
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..errors import CalmError, UsageError
-from ..runtime.settings import MAX_SEED, SAMPLES_LIMIT
+from ..runtime.settings import SettingsError
 from .common import (
     CandidateDecoderOpt,
     CandidateDtypeOpt,
@@ -31,6 +32,8 @@ from .common import (
     read_text,
     seed_option,
     set_threads,
+    typed_engine_options,
+    typed_settings,
 )
 from .typer_setup import with_examples
 
@@ -85,21 +88,11 @@ def generate(
     ),
 ) -> None:
     """Continue PROMPT with a CALM model (or a token-level baseline)."""
-    from ..runtime.settings import (
-        GenerationSettings,
-        check_candidate_decoder,
-        check_candidate_dtype,
-        check_settings,
-    )
-
-    settings = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
-    check_settings(settings)
-    check_candidate_decoder(candidate_decoder)
-    check_candidate_dtype(candidate_dtype)
+    settings = typed_settings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler, seed=seed)
+    options = typed_engine_options(max_batch=max_batch if jsonl else 1, candidate_decoder=candidate_decoder,
+                                   candidate_dtype=candidate_dtype, compile=compile)
     if jsonl and prompt is not None:
         raise UsageError("--jsonl reads prompts from stdin or -f FILE, not from PROMPT")
-    if max_batch is not None and max_batch < 1:
-        raise UsageError("--max-batch must be at least 1")
     if max_request_logits is not None and max_request_logits < 1:
         raise UsageError("--max-request-logits must be at least 1")
     lines = _jsonl_input(file) if jsonl else []
@@ -111,13 +104,10 @@ def generate(
     t0 = time.perf_counter()
     calm = load_for_cli(str(directory), device, dtype, ae, tokenizer)
     load_s = time.perf_counter() - t0
-    from ..runtime.engine import (
-        Engine,  # torch is loaded by now; arguments were checked without it
-    )
+    from ..runtime.engine import build_engine  # torch is loaded by now; arguments were checked without it
     from ..runtime.text import GenerationStats, stream_text
 
-    engine = Engine(calm, max_batch=max_batch if jsonl else 1, compile=compile, candidate_decoder=candidate_decoder,
-                    candidate_dtype=candidate_dtype)
+    engine = build_engine(calm, options)
     if jsonl:
         from ..runtime.budget import default_request_logits
 
@@ -142,19 +132,8 @@ def generate(
         if not stream:
             sys.stdout.write(completion)
         sys.stdout.write("\n")
-    new_tokens = stats.completion_tokens[0] if stats.completion_tokens else 0
-    report = {
-        "text": completion,
-        "prompt_tokens": stats.prompt_tokens[0] if stats.prompt_tokens else 0,
-        "completion_tokens": new_tokens,
-        "steps": stats.steps,
-        "finish_reason": finish,
-        "load_s": round(load_s, 4),
-        "prefill_s": round(stats.prefill_s, 4),
-        "decode_s": round(stats.decode_s, 4),
-        "tokens_per_s": round(new_tokens / stats.decode_s, 2) if stats.decode_s else None,
-        "steps_per_s": round(stats.steps / stats.decode_s, 2) if stats.decode_s else None,
-    }
+    report = _report(completion, finish, stats, load_s)
+    new_tokens = report["completion_tokens"]
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")
     if verbose:
@@ -166,11 +145,29 @@ def generate(
         )
 
 
+def _report(completion: str, finish: str | None, stats: GenerationStats, load_s: float) -> dict[str, typing.Any]:
+    """The --json object of one generation: its text, token counts, finish reason and timings."""
+    new_tokens = stats.completion_tokens[0] if stats.completion_tokens else 0
+    return {
+        "text": completion,
+        "prompt_tokens": stats.prompt_tokens[0] if stats.prompt_tokens else 0,
+        "completion_tokens": new_tokens,
+        "steps": stats.steps,
+        "finish_reason": finish,
+        "load_s": round(load_s, 4),
+        "prefill_s": round(stats.prefill_s, 4),
+        "decode_s": round(stats.decode_s, 4),
+        "tokens_per_s": round(new_tokens / stats.decode_s, 2) if stats.decode_s else None,
+        "steps_per_s": round(stats.steps / stats.decode_s, 2) if stats.decode_s else None,
+    }
+
+
 if typing.TYPE_CHECKING:
     from tokenizers import Tokenizer
 
     from ..runtime.engine import Engine, Request
     from ..runtime.settings import GenerationSettings
+    from ..runtime.text import GenerationStats
 
 
 def _generate_prompt(prompt: Optional[str], file: Optional[Path]) -> str:
@@ -205,18 +202,13 @@ def _jsonl_input(file: Optional[Path]) -> list[str]:
     return [line.decode("utf-8", "surrogateescape") for line in raw.split(b"\n")]
 
 
-JSONL_FIELDS = {  # key: (GenerationSettings field, type, valid, wording)
-    "temp": ("temperature", float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "max_tokens": ("max_tokens", int, lambda v: v >= 1, "a whole number >= 1"),
-    "samples": ("num_samples", int, lambda v: 1 <= v <= SAMPLES_LIMIT, f"a whole number in [1, {SAMPLES_LIMIT}]"),
-    "seed": ("seed", int, lambda v: 0 <= v <= MAX_SEED, "a whole number in [0, 2^63)"),
-}
+JSONL_FIELDS = {"temp": ("temperature", float), "max_tokens": ("max_tokens", int), "samples": ("num_samples", int),
+                "seed": ("seed", int)}  # key: (GenerationSettings field, type); ranges are the settings gate's
+JSONL_NAMES = {field: f'"{key}"' for key, (field, _) in JSONL_FIELDS.items()}
 
 
 def _jsonl_request(line: str, defaults: GenerationSettings) -> tuple[str, GenerationSettings]:
     """One --jsonl line -> (prompt, settings); ValueError says what is wrong with it."""
-    from dataclasses import replace
-
     from ..io.tokenizer import SURROGATE
 
     bad = SURROGATE.search(line)
@@ -232,15 +224,18 @@ def _jsonl_request(line: str, defaults: GenerationSettings) -> tuple[str, Genera
     if unknown:
         raise ValueError(f'unknown key "{unknown[0]}" (known: prompt, {", ".join(JSONL_FIELDS)}, id)')
     changes = {}
-    for key, (name, kind, valid, wording) in JSONL_FIELDS.items():
+    for key, (name, kind) in JSONL_FIELDS.items():
         value = obj.get(key)
         if value is None:
             continue
         types = (int, float) if kind is float else (int,)
-        if isinstance(value, bool) or not isinstance(value, types) or not valid(value):
-            raise ValueError(f'"{key}" must be {wording}, got {json.dumps(value)}')
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ValueError(f'"{key}" must be {"a number" if kind is float else "a whole number"}, got {json.dumps(value)}')
         changes[name] = kind(value)
-    return obj["prompt"], replace(defaults, **changes)
+    try:
+        return obj["prompt"], replace(defaults, **changes)
+    except SettingsError as exc:
+        raise ValueError(exc.named(JSONL_NAMES)) from None
 
 
 def _run_jsonl(

@@ -28,10 +28,14 @@ from .common import (
     load_for_cli,
     model_path,
     set_threads,
+    typed_engine_options,
+    typed_settings,
 )
 from .typer_setup import with_examples
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from ..serve.worker import EngineWorker
 
 
@@ -79,25 +83,16 @@ def serve(
     what they have.
     """
     from ..runtime.chat import DEFAULT_TEMPLATE, Template
-    from ..runtime.settings import (
-        GenerationSettings,
-        check_candidate_decoder,
-        check_candidate_dtype,
-        check_settings,
-    )
 
     if not 0 < port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {port}")
     if max_queue < 0:
         raise UsageError("--max-queue must be at least 0")
-    if max_batch is not None and max_batch < 1:
-        raise UsageError("--max-batch must be at least 1")
     if (max_request_logits is not None and max_request_logits < 1) or max_body_bytes < 1:
         raise UsageError("--max-request-logits and --max-body-bytes must be at least 1")
-    defaults = GenerationSettings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler)
-    check_settings(defaults)
-    check_candidate_decoder(candidate_decoder)
-    check_candidate_dtype(candidate_dtype)
+    defaults = typed_settings(max_tokens=max_tokens, temperature=temp, num_samples=samples, sampler=sampler)
+    options = typed_engine_options(max_batch=max_batch, candidate_decoder=candidate_decoder,
+                                   candidate_dtype=candidate_dtype, compile=compile)
     Template.parse(template or DEFAULT_TEMPLATE)
     path = model_path(model)
     listener = _bind(host, port)  # before anything loads: a busy port is one line, not a banner and then a crash
@@ -106,16 +101,13 @@ def serve(
     import uvicorn  # the server's packages and torch load only once the arguments are good
 
     from ..io.registry import model_label
-    from ..runtime.engine import Engine
+    from ..runtime.engine import build_engine
     from ..serve.app import ServeConfig, create_app
     from ..serve.worker import EngineWorker
 
     if loaded.tokenizer is None:
         raise CalmError("the model has no tokenizer.json: the server needs one")
-    use_compile = compile if compile is not None else loaded.transformer.embed_tokens.weight.is_cuda
-    engine = Engine(
-        loaded, max_batch=max_batch, candidate_decoder=candidate_decoder, candidate_dtype=candidate_dtype, compile=use_compile
-    )
+    engine = build_engine(loaded, options)
     worker = EngineWorker(engine)
     config = ServeConfig(
         model_name=name or model_label(path), defaults=defaults, max_queue=max_queue, api_key=api_key,
@@ -144,6 +136,12 @@ def serve(
         warm = f", compiled: warm-up {worker.warmup_s:.1f} s, {engine.compile_watch.graphs} graphs"
     err.print(f"calm serve: '{config.model_name}' (K={engine.k}, {engine.max_batch} slots{warm}) on http://{host}:{port}/v1 · "
               f"{threads_used}, chosen once at start", soft_wrap=True)
+    _run_until_stopped(server, host, port)
+    _exit_if_busy(worker)
+
+
+def _run_until_stopped(server: uvicorn.Server, host: str, port: int) -> None:
+    """Serve until SIGINT or SIGTERM; a port that could not be bound is a one-line error."""
     # uvicorn raises the stop signal again once it has shut down; it lands here, so the exit code is 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -153,7 +151,6 @@ def serve(
             signal.signal(sig, handler)
     if not server.started:
         raise CalmError(f"could not listen on {host}:{port}")
-    _exit_if_busy(worker)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -7,7 +7,8 @@ a `<bool>` type column for every flag and give descriptions a narrow column at 8
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import typer
 from typer.core import TyperGroup

@@ -40,7 +40,7 @@ class KVCache:
     valid: torch.Tensor
 
     @classmethod
-    def allocate(cls, config: CALMConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
+    def allocate(cls, config: CALMConfig, batch: int, max_len: int, device, dtype) -> KVCache:
         shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
         n = config.num_hidden_layers
         return cls(

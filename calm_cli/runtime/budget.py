@@ -23,7 +23,10 @@ The per-device budget (logit elements alive at once, counted as float32)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+
+from .settings import inverse_temperature
 
 LOGIT_BUDGET = {"cpu": 1 << 25, "cuda": 1 << 26}
 
@@ -70,8 +73,9 @@ def step_candidates(temperature: float, samples: int, sampler: str) -> int:
     T = 1 draws one. Other temperatures draw a pool of N; the exact sampler's rounds hold
     max(8, floor(1/T)) candidates up to its limit of EXACT_DRAWS, then a pool of N.
     """
-    if temperature > 0.0 and abs(1.0 / temperature - 1.0) <= 1e-9:
+    beta = inverse_temperature(temperature)
+    if beta == 1.0:
         return 1
     if sampler == "exact" and temperature > 0.0:
-        return max(samples, min(max(EXACT_FIRST_BLOCK, int(1.0 / temperature)), EXACT_DRAWS))
+        return max(samples, min(max(EXACT_FIRST_BLOCK, math.floor(min(beta, EXACT_DRAWS))), EXACT_DRAWS))
     return samples

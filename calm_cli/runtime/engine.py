@@ -46,7 +46,7 @@ from .budget import logit_elements, step_candidates
 from .rng import RowRandom, mix64, new_seed
 from .runners import CALMRunner, Runner, make_runner
 from .sampling import SamplingStats
-from .settings import GenerationSettings, check_settings
+from .settings import EngineOptions, GenerationSettings
 
 PREFILL_PIECE = 256  # steps of a prompt prefilled per backbone call: bounds prefill memory
 SPAN_QUANTUM = 64  # attention reads the cache up to the longest row, rounded up to this
@@ -74,6 +74,19 @@ def default_max_batch(device: torch.device) -> int:
 
 RECOMPILE_LIMIT = 2  # graphs compiled after warm-up; later ones run their traced graph eagerly
 GRAPHS_PER_ENGINE = 8 + RECOMPILE_LIMIT  # warm-up's graphs (about six) with room, and the recompiles
+
+
+def compile_by_default(device: torch.device) -> bool:
+    """Compile where a compiled step repays its warm-up: on CUDA, not on CPU (minutes of C++ builds)."""
+    return device.type == "cuda"
+
+
+def build_engine(model: CALM | TokenTransformer, options: EngineOptions) -> Engine:
+    """The engine every command builds from its flags, so each takes the same options the same way."""
+    device = next(model.parameters()).device
+    compile = compile_by_default(device) if options.compile is None else options.compile
+    return Engine(model, max_batch=options.max_batch, candidate_decoder=options.candidate_decoder,
+                  candidate_dtype=options.candidate_dtype, compile=compile)
 
 
 class CompileWatch:
@@ -222,8 +235,7 @@ class Engine:
     def submit(
         self, prompt: list[int], settings: GenerationSettings, on_update: Callable[[Update], None] | None = None
     ) -> Request:
-        """Queue a prompt (token ids); raises UsageError for bad settings or a prompt longer than the context."""
-        check_settings(settings)
+        """Queue a prompt (token ids); raises UsageError for a prompt longer than the context (settings checked themselves)."""
         prompt = self._framed(prompt)
         if len(prompt) // self.k >= self.context:
             raise PromptTooLong(f"prompt is {len(prompt)} tokens; the model's context is {self.context * self.k} tokens")

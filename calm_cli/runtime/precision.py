@@ -22,7 +22,6 @@ distance to the float32 path). `--candidate-dtype float32` keeps everything in f
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import Tensor, nn
@@ -72,11 +71,6 @@ def candidate_dtypes(name: str, model_dtype: torch.dtype, device: torch.device) 
         return wanted, wanted
     pool = torch.bfloat16 if model_dtype == torch.float32 and has_fast_bf16(device) else model_dtype
     return pool, model_dtype
-
-
-def draws_one(temperature: float) -> bool:
-    """Whether the temperature rule draws a single candidate (1/T is 1, snapped as the samplers snap it)."""
-    return temperature > 0.0 and math.isclose(1.0 / temperature, 1.0, rel_tol=1e-9, abs_tol=0.0)
 
 
 def cast_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:

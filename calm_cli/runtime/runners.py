@@ -19,10 +19,10 @@ from ..models.baseline import TokenTransformer
 from ..models.calm import CALM
 from .budget import row_slices
 from .fastdecode import ieee_float32
-from .precision import CandidatePath, candidate_dtypes, draws_one
+from .precision import CandidatePath, candidate_dtypes
 from .rng import RowRandom
 from .sampling import SamplingStats, select_from_pool, temperature_sample
-from .settings import GenerationSettings, check_candidate_decoder
+from .settings import GenerationSettings, check_candidate_decoder, draws_one
 
 EXACT_BLOCK = 8  # the exact sampler's first round: a confident position is accepted within it
 # The approximation draws its N candidates in one call.  An adaptive pool (16, doubling until
@@ -152,7 +152,7 @@ class CALMRunner(Runner):
         k, path = self.unit, self.path(settings.temperature)
         prefix = torch.tensor([p + [-1] * (k - len(p)) for p in prefixes], dtype=torch.long, device=hidden.device)
         fixed = prefix >= 0
-        if settings.sampler == "exact" and settings.temperature not in (0.0, 1.0):
+        if settings.sampler == "exact" and settings.temperature > 0.0 and not draws_one(settings.temperature):
             chunks = temperature_sample(
                 self._matching_draw(path, hidden, rng, prefix, settings.num_samples, stats), settings.temperature,
                 method="exact", num_samples=settings.num_samples, generator=rng, block=EXACT_BLOCK,

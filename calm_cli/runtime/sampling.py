@@ -115,15 +115,13 @@ from torch import Tensor
 
 from ..errors import UsageError
 from .rng import RowRandom
+from .settings import inverse_temperature
 
 DrawFn = Callable[..., Tensor]
 Random = torch.Generator | RowRandom | None
 METHODS = ("approx", "exact")
 SETTLE_TV = 0.02  # default ``settle`` (a bound; the measured distance is far smaller): see "Settled pools"
 SETTLE_Z = 2.0  # Wilson bounds at about 97.7% one-sided confidence
-# Past this 1/T the tempered pick is the most frequent chunk for any pool that fits in memory
-# (counts differ by at least one in 2^20), so it is taken as T = 0 and no tuple of 1/T draws is built.
-MAX_BETA = 2.0**20
 
 
 @dataclass
@@ -159,7 +157,7 @@ def temperature_sample(
     ``method="exact"``; ``pool_block`` and ``settle`` (start the pool that small and double it
     until settled) only ``method="approx"``.
     """
-    beta = _inverse_temperature(temperature)
+    beta = inverse_temperature(temperature)
     if method not in METHODS:
         raise UsageError(f"sampling method must be one of {', '.join(METHODS)} (got {method!r})")
     if num_samples < 1:
@@ -193,7 +191,7 @@ def select_from_pool(
     chunk's value only, e.g. "starts with these tokens"), which samples the tempered
     distribution conditioned on that event; a row must keep at least one valid member.
     """
-    beta = _inverse_temperature(temperature)
+    beta = inverse_temperature(temperature)
     if valid is not None:
         pool = pool.masked_fill(~valid.unsqueeze(2), -1)
     return _greedy(pool) if beta == math.inf else _select(pool, beta, generator)
@@ -231,21 +229,10 @@ def selection_probabilities(counts: Tensor, temperature: float) -> Tensor:
     Zero counts mark absent chunks.  For integer 1/T this is the authors' rule exactly
     (weights C(c, n) with the cascade); see the module docstring for fractional 1/T.
     """
-    beta = _inverse_temperature(temperature)
+    beta = inverse_temperature(temperature)
     if beta == math.inf:
         raise UsageError("selection probabilities need a temperature above 0")
     return torch.softmax(_log_weights(torch.as_tensor(counts), beta), dim=-1)
-
-
-def _inverse_temperature(temperature: float) -> float:
-    """1/T with near-integers snapped, so 1/3 is handled as exactly 3; inf for T = 0 and for T below 1/MAX_BETA."""
-    if not 0.0 <= temperature <= 1.0:
-        raise UsageError(f"temperature must be between 0 and 1 (got {temperature})")
-    if temperature == 0.0 or 1.0 / temperature > MAX_BETA:
-        return math.inf
-    beta = 1.0 / temperature
-    nearest = round(beta)
-    return float(nearest) if math.isclose(beta, nearest, rel_tol=1e-9, abs_tol=0.0) else beta
 
 
 def _log_weights(counts: Tensor, beta: float) -> Tensor:

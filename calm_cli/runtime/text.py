@@ -9,7 +9,7 @@ U+FFFD until its last byte arrives) and any text that could be the start of a st
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
@@ -147,7 +147,7 @@ def stream_requests(
                 row = row_of.get(update.request.id)
                 if row is None:
                     continue
-                delta = _delta(engine, streams[row], update)
+                delta = text_delta(streams[row], update, engine.cancel)
                 if delta is not None:
                     left -= delta[1] is not None
                     yield TextDelta(row, *delta)
@@ -162,14 +162,21 @@ def stream_requests(
                 engine.cancel(request)
 
 
-def _delta(engine: Engine, stream: TextStream, update: Update) -> tuple[str, str | None] | None:
-    """(text, finish reason) for one update of a row; a stop string cancels the request in the engine."""
+def text_delta(
+    stream: TextStream, update: Update, cancel: Callable[[Request, str], None]
+) -> tuple[str, str | None] | None:
+    """(text, finish reason) for one update of a row, or None when there is nothing to report.
+
+    The output step every front end shares (generate, --jsonl, chat and the server):
+    detokenize, cut at a stop string and cancel the request through `cancel` (the engine's,
+    or the server worker's, which also wakes its thread), name the finish reason.
+    """
     if stream.stopped:
         return None
     final = update.finish_reason is not None
     text = stream.feed(update.tokens, final=final)
     if stream.stopped:
-        engine.cancel(update.request, "stop")
+        cancel(update.request, "stop")
         return text, "stop"
     if final or text:
         return text, update.finish_reason

@@ -53,14 +53,16 @@ from ..runtime.budget import default_request_logits
 from ..runtime.chat import DEFAULT_TEMPLATE, Conversation, Template, Turn
 from ..runtime.engine import Engine, PromptTooLong, Update
 from ..runtime.engine import Request as EngineRequest
-from ..runtime.settings import DEFAULT_MAX_BODY_BYTES, MAX_SEED, SAMPLES_LIMIT, GenerationSettings
-from ..runtime.text import TextStream
+from ..runtime.settings import DEFAULT_MAX_BODY_BYTES, MAX_SEED, SAMPLES_LIMIT, GenerationSettings, SettingsError
+from ..runtime.text import TextStream, text_delta
 from ..runtime.threads import ThreadChoice
 from .guard import Guard, error_body
 from .worker import EngineFailed, EngineWorker
 
 log = logging.getLogger("calm.serve")
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}
+# The request field each generation setting comes from, to word the settings gate's errors (runtime/settings.py)
+FIELDS = {"num_samples": "samples"}
 MAX_CHOICES = 16
 MAX_STOPS = 4
 DISCONNECT_CHECK_S = 0.1  # how often a non-streaming handler asks whether its client is still there
@@ -105,7 +107,7 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0)
+    temperature: float | None = None  # its range is the settings gate's (runtime/settings.py)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: Text | list[Text] | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
@@ -204,39 +206,37 @@ class Choice:
         return len(self.stream.ids)
 
 
-def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
-    """The FastAPI app over a started-or-not worker; the app starts and stops it with its lifespan."""
-    metrics = Metrics(worker)
-    worker.on_step = metrics.step_seconds.observe
-    engine = worker.engine
-    template = Template.parse(config.template)
-    created = int(time.time())
-    budget = config.max_request_logits or default_request_logits(
-        config.defaults.num_samples, engine.k, engine.config.vocab_size
-    )
+class Service:
+    """The server's state and its handlers, one method a step: what `create_app` routes requests to."""
+
+    def __init__(self, worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) -> None:
+        self.worker = worker
+        self.tokenizer = tokenizer
+        self.config = config
+        self.metrics = Metrics(worker)
+        worker.on_step = self.metrics.step_seconds.observe
+        self.engine = worker.engine
+        self.template = Template.parse(config.template)
+        self.created = int(time.time())
+        self.budget = config.max_request_logits or default_request_logits(
+            config.defaults.num_samples, self.engine.k, self.engine.config.vocab_size
+        )
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        worker.start()
+    async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        self.worker.start()
         yield
-        await asyncio.to_thread(worker.stop, STOP_WAIT_S)
+        await asyncio.to_thread(self.worker.stop, STOP_WAIT_S)
 
-    app = FastAPI(title="calm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
-                       on_refuse=lambda status: metrics.errors.labels(str(status)).inc())
-
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        metrics.errors.labels(str(exc.status)).inc()
+    async def api_error(self, _: Request, exc: ApiError) -> JSONResponse:
+        self.metrics.errors.labels(str(exc.status)).inc()
         return exc.response()
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        metrics.errors.labels(str(exc.status_code)).inc()
+    async def http_error(self, request: Request, exc: HTTPException) -> Response:
+        self.metrics.errors.labels(str(exc.status_code)).inc()
         return http_error_response(request, exc)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(self, _: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = [str(part) for part in first.get("loc", ()) if part != "body"]
         if first.get("type") == "json_invalid":
@@ -248,87 +248,88 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
             param = where[0] if where else None
             field = ".".join(where) or "body"
             error = ApiError(400, f"{field}: {first.get('msg', 'invalid value')}", param=param, code="invalid_value")
-        metrics.errors.labels("400").inc()
+        self.metrics.errors.labels("400").inc()
         return error.response()
 
-    @app.get("/health")
-    async def health() -> JSONResponse:
+    async def health(self) -> JSONResponse:
         """200 once the server decodes; 503 while a compiled step warms up and after a device failure."""
-        ready = worker.state == "ready"
-        body = {"status": "ok" if ready else worker.state, "model": config.model_name, "slots": engine.max_batch,
-                "active": engine.active, "queued": engine.queued}
-        if config.threads:
-            body |= {"threads": config.threads.count, "threads_reason": config.threads.reason}
-        if worker.failure is not None:
-            body["reason"] = worker.failure
-        if (compiled := worker.compile_report()) is not None:
+        ready = self.worker.state == "ready"
+        engine = self.engine
+        body = {"status": "ok" if ready else self.worker.state, "model": self.config.model_name,
+                "slots": engine.max_batch, "active": engine.active, "queued": engine.queued}
+        if self.config.threads:
+            body |= {"threads": self.config.threads.count, "threads_reason": self.config.threads.reason}
+        if self.worker.failure is not None:
+            body["reason"] = self.worker.failure
+        if (compiled := self.worker.compile_report()) is not None:
             body["compile"] = compiled
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    def engine_failed(status: int) -> ApiError:
-        return ApiError(status, f"the engine failed ({worker.failure}); the server must be restarted", "server_error",
-                        code="engine_failed")
+    def engine_failed(self, status: int) -> ApiError:
+        return ApiError(status, f"the engine failed ({self.worker.failure}); the server must be restarted",
+                        "server_error", code="engine_failed")
 
-    def failed_in_flight(choices: list[Choice]) -> bool:
-        return worker.failure is not None and any(c.finish_reason == "error" for c in choices)
+    def failed_in_flight(self, choices: list[Choice]) -> bool:
+        return self.worker.failure is not None and any(c.finish_reason == "error" for c in choices)
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [
-            {"id": config.model_name, "object": "model", "created": created, "owned_by": "calm",
-             "patch_size": engine.k, "context_tokens": engine.context * engine.k},
+            {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "calm",
+             "patch_size": self.engine.k, "context_tokens": self.engine.context * self.engine.k},
         ]}
 
-    @app.get("/metrics")
-    async def metrics_text() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics_text(self) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def settings_for(body: Options, max_tokens: int | None, prompts: int) -> list[GenerationSettings]:
+    def settings_for(self, body: Options, max_tokens: int | None, prompts: int) -> list[GenerationSettings]:
         """Each choice's settings, once the request is known to be one this server can answer and afford."""
-        if body.model != config.model_name:
-            raise ApiError(404, f"model '{body.model}' does not exist; this server has '{config.model_name}'",
+        if body.model != self.config.model_name:
+            raise ApiError(404, f"model '{body.model}' does not exist; this server has '{self.config.model_name}'",
                            param="model", code="model_not_found")
-        if body.temperature is not None and body.temperature > 1.0:
-            raise ApiError(400, f"temperature must be in [0, 1], got {body.temperature}: CALM samples at T = 1/n by "
-                           "rejection from a model without likelihoods, so it cannot go above T = 1", param="temperature",
-                           code="invalid_value")
+        try:
+            base = replace(
+                self.config.defaults,
+                max_tokens=max_tokens or self.config.defaults.max_tokens,
+                temperature=self.config.defaults.temperature if body.temperature is None else float(body.temperature),
+                num_samples=body.samples or self.config.defaults.num_samples,
+                sampler=body.sampler or self.config.defaults.sampler,
+                seed=body.seed,
+                ignore_eos=body.ignore_eos,
+            )
+        except SettingsError as exc:
+            field = FIELDS.get(exc.field, exc.field)
+            raise ApiError(400, exc.named(FIELDS), param=field, code="invalid_value") from None
         if body.logprobs not in (None, False, 0):
             raise ApiError(400, "logprobs are not available: CALM has no token likelihoods", param="logprobs",
                            code="unsupported")
-        base = replace(
-            config.defaults,
-            max_tokens=max_tokens or config.defaults.max_tokens,
-            temperature=config.defaults.temperature if body.temperature is None else float(body.temperature),
-            num_samples=body.samples or config.defaults.num_samples,
-            sampler=body.sampler or config.defaults.sampler,
-            seed=body.seed,
-            ignore_eos=body.ignore_eos,
-        )
         refuse_unsupported(body)
-        capacity = engine.max_batch + config.max_queue
+        capacity = self.engine.max_batch + self.config.max_queue
         if prompts * body.n > capacity:
-            raise ApiError(400, f"this request asks for {prompts * body.n} completions (prompts x n); this server takes at "
-                           f"most {capacity} at once (--max-batch {engine.max_batch} + --max-queue {config.max_queue})",
+            raise ApiError(400, f"this request asks for {prompts * body.n} completions (prompts x n); this server "
+                           f"takes at most {capacity} at once (--max-batch {self.engine.max_batch} + --max-queue "
+                           f"{self.config.max_queue})",
                            param="n" if prompts == 1 else "prompt", code="too_many_completions")
-        check_cost(engine, base, prompts * body.n, budget, "samples" if body.samples else "n")
-        return [base if body.seed is None else replace(base, seed=(body.seed + i) % (MAX_SEED + 1)) for i in range(body.n)]
+        check_cost(self.engine, base, prompts * body.n, self.budget, "samples" if body.samples else "n")
+        if body.seed is None:
+            return [base] * body.n
+        return [replace(base, seed=(body.seed + i) % (MAX_SEED + 1)) for i in range(body.n)]
 
-    def stops_of(body: Options) -> list[str]:
+    def stops_of(self, body: Options) -> list[str]:
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > MAX_STOPS:
             raise ApiError(400, f"stop takes at most {MAX_STOPS} strings", param="stop", code="invalid_value")
         return stops
 
-    async def run(
-        http: Request, endpoint: str, prompts: list[list[int]], settings: list[GenerationSettings], stops: list[str]
+    async def submit(
+        self, endpoint: str, prompts: list[list[int]], settings: list[GenerationSettings], stops: list[str]
     ) -> tuple[list[Choice], asyncio.Queue[Update]]:
         """Submit one engine request per prompt and choice; updates arrive on the returned queue."""
         count = len(prompts) * len(settings)
-        if engine.active + engine.queued + count > engine.max_batch + config.max_queue:
+        engine = self.engine
+        if engine.active + engine.queued + count > engine.max_batch + self.config.max_queue:
             raise ApiError(429, f"the server is busy: {engine.active} requests decoding and {engine.queued} waiting, "
-                           f"{count} more do not fit "
-                           f"(--max-batch {engine.max_batch}, --max-queue {config.max_queue})", "rate_limit_error",
-                           code="queue_full")
+                           f"{count} more do not fit (--max-batch {engine.max_batch}, --max-queue "
+                           f"{self.config.max_queue})", "rate_limit_error", code="queue_full")
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue[Update] = asyncio.Queue()
 
@@ -339,59 +340,57 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
         try:
             for prompt in prompts:
                 for s in settings:
-                    request = worker.submit(prompt, s, deliver)
-                    choices.append(Choice(request, TextStream(tokenizer, stops)))
+                    request = self.worker.submit(prompt, s, deliver)
+                    choices.append(Choice(request, TextStream(self.tokenizer, stops)))
         except EngineFailed:
             for choice in choices:
-                worker.cancel(choice.request)
-            raise engine_failed(503) from None
+                self.worker.cancel(choice.request)
+            raise self.engine_failed(503) from None
         except UsageError as exc:
             for choice in choices:
-                worker.cancel(choice.request)
+                self.worker.cancel(choice.request)
             code = "context_length_exceeded" if isinstance(exc, PromptTooLong) else "invalid_value"
-            raise ApiError(400, str(exc), param="prompt" if endpoint == "completions" else "messages", code=code) from None
+            param = "prompt" if endpoint == "completions" else "messages"
+            raise ApiError(400, str(exc), param=param, code=code) from None
         return choices, updates
 
-    def advance(choices: list[Choice], update: Update, chat: bool) -> tuple[int, str] | None:
+    def advance(self, choices: list[Choice], update: Update, chat: bool) -> tuple[int, str] | None:
         """Apply one update: (choice index, new text) when there is text or an end to report."""
         index = next((i for i, c in enumerate(choices) if c.request is update.request), None)
         if index is None or choices[index].finish_reason is not None:
             return None
         choice = choices[index]
-        final = update.finish_reason is not None
-        text = choice.stream.feed(update.tokens, final=final)
-        if choice.stream.stopped:
-            worker.cancel(choice.request, "stop")
-            choice.finish_reason = "stop"
-        elif final:
-            choice.finish_reason = FINISH.get(update.finish_reason, update.finish_reason)
+        delta = text_delta(choice.stream, update, self.worker.cancel)
+        if delta is None:
+            return None
+        text, finish = delta
+        if finish is not None:
+            choice.finish_reason = FINISH.get(finish, finish)
         if chat and not choice.text:
             text = text.lstrip()  # the reply follows "Assistant:"; its leading space or newline is not content
         choice.text += text
         return (index, text) if text or choice.finish_reason else None
 
-    def usage(prompts: list[list[int]], choices: list[Choice]) -> dict[str, int]:
-        prompt_tokens = sum(len(p) for p in prompts)
-        completion = sum(c.tokens for c in choices)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
-
-    def finished(endpoint: str, rid: str, started: float, prompts: list[list[int]], choices: list[Choice]) -> None:
+    def finished(
+        self, endpoint: str, rid: str, started: float, prompts: list[list[int]], choices: list[Choice]
+    ) -> None:
+        """Count and log one response once its choices have ended (or its client left)."""
         for choice in choices:
-            metrics.requests.labels(endpoint, choice.finish_reason or "abort").inc()
-            metrics.completion_tokens.inc(choice.tokens)
-        metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+            self.metrics.requests.labels(endpoint, choice.finish_reason or "abort").inc()
+            self.metrics.completion_tokens.inc(choice.tokens)
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         seconds = time.perf_counter() - started
-        metrics.request_seconds.observe(seconds)
+        self.metrics.request_seconds.observe(seconds)
         log.info("%s %s prompt=%d completion=%d time=%.2fs finish=%s", rid, endpoint, sum(len(p) for p in prompts),
                  sum(c.tokens for c in choices), seconds, ",".join(c.finish_reason or "abort" for c in choices))
 
-    async def collect(http: Request, choices: list[Choice], updates: asyncio.Queue[Update], chat: bool) -> bool:
+    async def collect(self, http: Request, choices: list[Choice], updates: asyncio.Queue[Update], chat: bool) -> bool:
         """Wait for every choice to finish; False (and the requests cancelled) if the client went away."""
         checked = time.perf_counter()
         try:
             while any(c.finish_reason is None for c in choices):
                 try:
-                    advance(choices, await asyncio.wait_for(updates.get(), timeout=DISCONNECT_CHECK_S), chat)
+                    self.advance(choices, await asyncio.wait_for(updates.get(), timeout=DISCONNECT_CHECK_S), chat)
                 except asyncio.TimeoutError:
                     pass
                 if time.perf_counter() - checked >= DISCONNECT_CHECK_S:  # on a clock: updates may never pause
@@ -402,10 +401,10 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
         finally:
             for choice in choices:
                 if choice.finish_reason is None:
-                    worker.cancel(choice.request, "cancelled")
+                    self.worker.cancel(choice.request, "cancelled")
 
     def stream_response(
-        endpoint: str, rid: str, started: float, prompts: list[list[int]], choices: list[Choice],
+        self, endpoint: str, rid: str, started: float, prompts: list[list[int]], choices: list[Choice],
         updates: asyncio.Queue[Update], include_usage: bool, chunk: Callable[[int, str | None, str | None], dict],
         opening: list[dict],
     ) -> EventSourceResponse:
@@ -414,36 +413,36 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
                 for event in opening:
                     yield {"data": json.dumps(event)}
                 while any(c.finish_reason is None for c in choices):
-                    step = advance(choices, await updates.get(), endpoint == "chat")
+                    step = self.advance(choices, await updates.get(), endpoint == "chat")
                     if step is not None:
                         index, text = step
                         yield {"data": json.dumps(chunk(index, text, choices[index].finish_reason))}
-                if failed_in_flight(choices):
-                    yield {"data": engine_failed(500).response().body.decode()}
+                if self.failed_in_flight(choices):
+                    yield {"data": self.engine_failed(500).response().body.decode()}
                 if include_usage:
-                    yield {"data": json.dumps({**chunk(0, None, None), "choices": [], "usage": usage(prompts, choices)})}
+                    last = {**chunk(0, None, None), "choices": [], "usage": usage(prompts, choices)}
+                    yield {"data": json.dumps(last)}
                 yield {"data": "[DONE]"}
             finally:  # also when the client went away (the task is cancelled)
                 for choice in choices:
                     if choice.finish_reason is None:
-                        worker.cancel(choice.request, "cancelled")
-                finished(endpoint, rid, started, prompts, choices)
+                        self.worker.cancel(choice.request, "cancelled")
+                self.finished(endpoint, rid, started, prompts, choices)
 
         # On shutdown the requests are cancelled first; the grace period lets their streams end with a last chunk.
         return EventSourceResponse(events(), ping=15, shutdown_grace_period=SHUTDOWN_GRACE_S)
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionBody, http: Request) -> Any:
+    async def completions(self, body: CompletionBody, http: Request) -> Any:
         started = time.perf_counter()
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not texts:
             raise ApiError(400, "prompt must not be empty", param="prompt", code="invalid_value")
-        settings = settings_for(body, body.max_tokens or config.completion_max_tokens, len(texts))
-        stops = stops_of(body)
-        prompts = await asyncio.to_thread(encode_released, tokenizer, texts)
-        choices, updates = await run(http, "completions", prompts, settings, stops)
+        settings = self.settings_for(body, body.max_tokens or self.config.completion_max_tokens, len(texts))
+        stops = self.stops_of(body)
+        prompts = await asyncio.to_thread(encode_released, self.tokenizer, texts)
+        choices, updates = await self.submit("completions", prompts, settings, stops)
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-        head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": config.model_name}
+        head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.config.model_name}
         echo = [texts[i // len(settings)] if body.echo else "" for i in range(len(choices))]
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
@@ -453,29 +452,30 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
                         **({"usage": None} if include else {})}
 
             opening = [chunk(i, echo[i], None) for i in range(len(choices)) if echo[i]]
-            return stream_response("completions", rid, started, prompts, choices, updates, include, chunk, opening)
-        complete = await collect(http, choices, updates, chat=False)
-        finished("completions", rid, started, prompts, choices)
+            return self.stream_response("completions", rid, started, prompts, choices, updates, include, chunk, opening)
+        complete = await self.collect(http, choices, updates, chat=False)
+        self.finished("completions", rid, started, prompts, choices)
         if not complete:
             return Response(status_code=499)  # the client is gone; nobody reads this
-        if failed_in_flight(choices):
-            raise engine_failed(500)
+        if self.failed_in_flight(choices):
+            raise self.engine_failed(500)
         return {**head, "choices": [
             {"index": i, "text": echo[i] + c.text, "finish_reason": c.finish_reason, "logprobs": None}
             for i, c in enumerate(choices)
         ], "usage": usage(prompts, choices)}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody, http: Request) -> Any:
+    async def chat_completions(self, body: ChatBody, http: Request) -> Any:
         started = time.perf_counter()
-        settings = settings_for(body, body.max_completion_tokens or body.max_tokens, 1)
-        stops = stops_of(body)
-        if template.stop:
-            stops.append(template.stop)
-        prompts = await asyncio.to_thread(lambda: encode_released(tokenizer, [conversation_prompt(template, body.messages)]))
-        choices, updates = await run(http, "chat", prompts, settings, stops)
+        settings = self.settings_for(body, body.max_completion_tokens or body.max_tokens, 1)
+        stops = self.stops_of(body)
+        if self.template.stop:
+            stops.append(self.template.stop)
+        prompts = await asyncio.to_thread(
+            lambda: encode_released(self.tokenizer, [conversation_prompt(self.template, body.messages)])
+        )
+        choices, updates = await self.submit("chat", prompts, settings, stops)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": config.model_name}
+        head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.config.model_name}
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -489,20 +489,45 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) 
                                                        "finish_reason": None, "logprobs": None}]}
                 for i in range(len(choices))
             ]
-            return stream_response("chat", rid, started, prompts, choices, updates, include, chunk, opening)
-        complete = await collect(http, choices, updates, chat=True)
-        finished("chat", rid, started, prompts, choices)
+            return self.stream_response("chat", rid, started, prompts, choices, updates, include, chunk, opening)
+        complete = await self.collect(http, choices, updates, chat=True)
+        self.finished("chat", rid, started, prompts, choices)
         if not complete:
             return Response(status_code=499)  # the client is gone; nobody reads this
-        if failed_in_flight(choices):
-            raise engine_failed(500)
+        if self.failed_in_flight(choices):
+            raise self.engine_failed(500)
         return {**head, "object": "chat.completion", "choices": [
             {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
              "logprobs": None}
             for i, c in enumerate(choices)
         ], "usage": usage(prompts, choices)}
 
+    def refused(self, status: int) -> None:
+        """Count a request the guard turned away before it reached a handler."""
+        self.metrics.errors.labels(str(status)).inc()
+
+
+def create_app(worker: EngineWorker, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
+    """The FastAPI app over a started-or-not worker; the app starts and stops it with its lifespan."""
+    service = Service(worker, tokenizer, config)
+    app = FastAPI(title="calm", lifespan=service.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes, on_refuse=service.refused)
+    app.add_exception_handler(ApiError, service.api_error)
+    app.add_exception_handler(HTTPException, service.http_error)
+    app.add_exception_handler(RequestValidationError, service.invalid)
+    app.get("/health")(service.health)
+    app.get("/v1/models")(service.models)
+    app.get("/metrics")(service.metrics_text)
+    app.post("/v1/completions")(service.completions)
+    app.post("/v1/chat/completions")(service.chat_completions)
     return app
+
+
+def usage(prompts: list[list[int]], choices: list[Choice]) -> dict[str, int]:
+    """OpenAI's token counts of one response."""
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion = sum(c.tokens for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
 def http_error_response(request: Request, exc: HTTPException) -> Response:
