@@ -18,12 +18,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from test_train import AE_CONFIG, BASE_CONFIG, CALM_CONFIG, HELDOUT, TOKENS, VOCAB
 
 from calm_cli.io.checkpoint import load_autoencoder, load_baseline, load_model
 from calm_cli.training.distributed import load_optimizer_state, optimizer_state
 from calm_cli.training.objectives import build_model
 from calm_cli.training.train import TrainOptions, sample_blocks, train
-from test_train import AE_CONFIG, BASE_CONFIG, CALM_CONFIG, HELDOUT, TOKENS, VOCAB
 
 CONFIGS = {"autoencoder": AE_CONFIG, "baseline": BASE_CONFIG, "calm": CALM_CONFIG}
 TOLERANCE = 1e-5  # max |w_2 ranks - w_1 rank| after a few AdamW steps: only summation order differs
@@ -177,9 +177,9 @@ def _eval_docs() -> list[torch.Tensor]:
 
 def _eval_worker(rank: int, world: int, port: int, out: Path) -> None:
     import torch.distributed as dist
+    from test_eval import _tiny_baseline
 
     from calm_cli.eval.evaluate import evaluate_documents, summarize
-    from test_eval import _tiny_baseline
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -191,8 +191,9 @@ def _eval_worker(rank: int, world: int, port: int, out: Path) -> None:
 
 def test_sharded_eval_gives_the_one_process_numbers(tmp_path):
     """The same draws and positions; exact P(y) differs only by float32 rounding (thread counts differ here)."""
-    from calm_cli.eval.evaluate import evaluate_documents, summarize
     from test_eval import _tiny_baseline
+
+    from calm_cli.eval.evaluate import evaluate_documents, summarize
 
     alone = summarize(evaluate_documents(_tiny_baseline(), _eval_docs(), seed=5, batch_size=2), seed=5)
     mp.spawn(_eval_worker, args=(2, _free_port(), tmp_path), nprocs=2)

@@ -136,12 +136,12 @@ def serve(
         warm = f", compiled: warm-up {worker.warmup_s:.1f} s, {engine.compile_watch.graphs} graphs"
     err.print(f"calm serve: '{config.model_name}' (K={engine.k}, {engine.max_batch} slots{warm}) on http://{host}:{port}/v1 · "
               f"{threads_used}, chosen once at start", soft_wrap=True)
-    _run_until_stopped(server, host, port)
+    _run_until_stopped(server, listener, f"{host}:{port}")
     _exit_if_busy(worker)
 
 
-def _run_until_stopped(server: uvicorn.Server, host: str, port: int) -> None:
-    """Serve until SIGINT or SIGTERM; a port that could not be bound is a one-line error."""
+def _run_until_stopped(server: uvicorn.Server, listener: socket.socket, address: str) -> None:
+    """Serve on `listener` until SIGINT or SIGTERM; a server that never started is a one-line error."""
     # uvicorn raises the stop signal again once it has shut down; it lands here, so the exit code is 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -150,7 +150,7 @@ def _run_until_stopped(server: uvicorn.Server, host: str, port: int) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if not server.started:
-        raise CalmError(f"could not listen on {host}:{port}")
+        raise CalmError(f"could not listen on {address}")
 
 
 def _bind(host: str, port: int) -> socket.socket:
