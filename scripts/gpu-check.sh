@@ -25,7 +25,8 @@ done
 out="${out:-${OUT:-$repo_root/gpu-check-out}}"
 mkdir -p "$out"
 
-# Carried wheels, if any: installed beside the image's packages, never over them.
+# Carried wheels, if any: installed into a folder of their own that comes first on PYTHONPATH, so a carried
+# package (anyio, httpx2, typing-extensions...) wins over the image's copy; the image's own folders stay untouched.
 shopt -s nullglob
 wheels=("$repo_root"/.whl/*.whl)
 if [[ ${#wheels[@]} -gt 0 && " ${args[*]-} " != *" --dry-run "* ]]; then

@@ -209,3 +209,11 @@ def test_ctrl_c_during_generate_leaves_the_shell_its_own_line():
     child.close()
     assert child.exitstatus == 130 and b"Traceback" not in child.before
     assert child.before.endswith(b"\r\n"), child.before[-60:]
+
+
+def test_jsonl_echoes_an_id_with_a_lone_surrogate_without_losing_the_batch():
+    lines = '{"prompt": "Hi", "id": "\\ud800", "max_tokens": 4}\n{"prompt": "Yo", "id": 2, "max_tokens": 4}\n'
+    r = run_calm("generate", "--jsonl", "--seed", "1", "-m", MODEL, input=lines)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [rec["id"] for rec in records] == ["\ud800", 2] and all(rec["completion_tokens"] == 4 for rec in records)

@@ -199,11 +199,14 @@ def test_the_next_write_removes_temporaries_of_killed_writers_only(tmp_path) -> 
     live = tmp_path / f".train.bin.{os.getpid()}.def456.tmp"
     other = tmp_path / f".heldout.bin.{dead}.abc123.tmp"
     unrelated = tmp_path / ".train.bin.notapid.tmp"
-    for path in (orphan, live, other, unrelated):
+    recent = tmp_path / f".train.bin.{dead}.fresh1.tmp"  # another machine's writer may have this pid: too new to judge
+    for path in (orphan, live, other, unrelated, recent):
         path.write_text("partial")
+        if path is not recent:
+            os.utime(path, (0, 0))
     write_text_atomic(tmp_path / "train.bin", "whole")
     assert (tmp_path / "train.bin").read_text() == "whole"
-    assert not orphan.exists() and live.exists() and other.exists() and unrelated.exists()
+    assert not orphan.exists() and live.exists() and other.exists() and unrelated.exists() and recent.exists()
 
 
 def subprocess_pid_that_exited() -> int:

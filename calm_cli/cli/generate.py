@@ -271,9 +271,15 @@ def _run_jsonl(
     written = 0
 
     def flush() -> None:
+        from ..io.tokenizer import SURROGATE
+
         nonlocal written
         while written < len(order) and order[written] in results:
-            sys.stdout.write(json.dumps(results.pop(order[written]), ensure_ascii=False) + "\n")
+            record = results.pop(order[written])
+            line = json.dumps(record, ensure_ascii=False)
+            if SURROGATE.search(line):  # an "id" echoed back with a lone surrogate: \u escapes are valid JSON
+                line = json.dumps(record)
+            sys.stdout.write(line + "\n")
             written += 1
         sys.stdout.flush()
 

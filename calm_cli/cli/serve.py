@@ -121,7 +121,9 @@ def serve(
         """On SIGINT or SIGTERM, first end the requests in flight, so their streams close at once."""
 
         def handle_exit(self, sig: int, frame: object) -> None:
-            worker.cancel_all()
+            # On its own thread: this handler can interrupt the main thread while it holds the engine's or
+            # the worker's lock (submitting a request), and taking that lock here would deadlock.
+            threading.Thread(target=worker.cancel_all, daemon=True).start()
             super().handle_exit(sig, frame)
 
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5))

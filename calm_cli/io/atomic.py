@@ -3,8 +3,8 @@
 A file is written under a temporary name in its own folder and renamed over the target
 only when writing succeeded, so a crash, Ctrl-C or `kill -9` leaves the old file (or none),
 never half of one. The temporary name is `.{target}.{pid}.{random}.tmp`; a `kill -9` leaves
-it behind, and the next write of the same target removes those whose process is gone (only
-names of that pattern, never a file a live process is writing).
+it behind, and the next write of the same target removes those whose process is gone and
+that nothing has touched for ten minutes (only names of that pattern).
 
 A set of files that must change together (a model's config, weights and tokenizer) goes
 through `replace_files`, which stages them and commits with a journal; readers find the
@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -40,13 +41,25 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+ORPHAN_AGE_S = 600  # a temporary untouched this long, of a pid not alive here, is a killed writer's
+
+
 def remove_orphans(target: Path) -> list[Path]:
-    """Delete the temporary files of `target` left by killed writers (their pid is gone); return them."""
+    """Delete the temporary files of `target` left by killed writers; return them.
+
+    The pid alone is not proof on a folder another machine or container also writes (other
+    pid namespaces), so the file must also have been left untouched for ORPHAN_AGE_S.
+    """
     prefix = f".{target.name}."
     removed = []
+    now = time.time()
     for candidate in target.parent.glob(f"{glob.escape(prefix)}*.tmp"):
         pid, _, rest = candidate.name[len(prefix):].partition(".")
-        if pid.isdigit() and rest and not _process_alive(int(pid)):
+        try:
+            stale = now - candidate.stat().st_mtime > ORPHAN_AGE_S
+        except OSError:
+            continue
+        if pid.isdigit() and rest and stale and not _process_alive(int(pid)):
             candidate.unlink(missing_ok=True)
             removed.append(candidate)
     return removed

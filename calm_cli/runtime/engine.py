@@ -132,8 +132,8 @@ def compiled_step(runner: Runner, watch: CompileWatch) -> Callable[[KVCache, tor
     Each row's cache position is the `lengths` tensor, so the graph does not change as rows
     grow; only the batch rows and the attention span (a multiple of SPAN_QUANTUM) are
     shapes. They start static and turn symbolic the first time one changes (torch's
-    automatic dynamic shapes); one row and a span of the whole cache are specialised apart,
-    so a run needs about six graphs, which `Engine.warm_up` compiles before any request.
+    automatic dynamic shapes); a span of the whole cache is specialised apart, so a run
+    needs three or four graphs, which `Engine.warm_up` compiles before any request.
     """
     # Dynamo keeps at most `recompile_limit` graphs per code object, and every engine's step is
     # `Runner.step`'s code: each compiled engine adds its own graphs to the limit, so a second

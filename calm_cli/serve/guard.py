@@ -8,6 +8,7 @@ handler ever holds more than the limit in memory, and nothing is parsed first.
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -45,7 +46,7 @@ class Guard:
             return
         headers = {name.lower(): value for name, value in scope.get("headers", [])}
         if self.api_key is not None and scope["path"].startswith(PROTECTED):
-            if headers.get(b"authorization", b"") != f"Bearer {self.api_key}".encode():
+            if not hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {self.api_key}".encode()):
                 await self._refuse(send, 401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
                                    "authentication_error", "invalid_api_key")
                 return
