@@ -73,7 +73,12 @@ def default_max_batch(device: torch.device) -> int:
 
 
 RECOMPILE_LIMIT = 2  # graphs compiled after warm-up; later ones run their traced graph eagerly
-GRAPHS_PER_ENGINE = 8 + RECOMPILE_LIMIT  # warm-up's graphs (about six) with room, and the recompiles
+GRAPHS_PER_ENGINE = 8 + RECOMPILE_LIMIT  # warm-up's graphs (three or four) with room, and the recompiles
+
+
+def round_up(n: int, quantum: int) -> int:
+    """The smallest multiple of `quantum` that is at least `n`: the padded rows and spans a step runs on."""
+    return -(-n // quantum) * quantum
 
 
 def compile_by_default(device: torch.device) -> bool:
@@ -206,7 +211,7 @@ class Engine:
         if self.max_batch < 1:
             raise UsageError("--max-batch must be at least 1")
         # Rows of the cache and of every per-slot tensor: the slots, and scratch rows that pad a step to ROW_QUANTUM.
-        self.rows = -(-self.max_batch // ROW_QUANTUM) * ROW_QUANTUM
+        self.rows = round_up(self.max_batch, ROW_QUANTUM)
         self.eos = model.config.eos_token_id
         # Padding a CALM chunk may decode to; None keeps every token (a token model's draw is always kept).
         self.pad = model.config.pad_token_id if self.runner.chunks_hold_padding else None
@@ -311,7 +316,7 @@ class Engine:
         for members, settings, prefixes in self._groups(busy):
             index = self._index(members)
             chosen[index] = self.runner.sample(self.hidden[index], self.rng.rows(index), settings, self.sampling, prefixes)
-        span = min(self.context, -(-(max(self.lengths[i] for i in busy) + 1) // SPAN_QUANTUM) * SPAN_QUANTUM)
+        span = min(self.context, round_up(max(self.lengths[i] for i in busy) + 1, SPAN_QUANTUM))
         self._forward(chosen, span)
         self.write_at[:rows] += self.busy_mask[:rows]
         tokens = chosen.tolist()  # the step's one transfer to the host
@@ -359,11 +364,10 @@ class Engine:
             self.compile_watch.seal()
         return True
 
-
     def _step_rows(self, used: int) -> int:
         """Rows the step runs on: those up to the highest busy slot (slots fill lowest first, so few when few are
         busy), rounded up to ROW_QUANTUM so that a row's hidden state does not depend on how many others there are."""
-        return min(self.rows, -(-used // ROW_QUANTUM) * ROW_QUANTUM)
+        return min(self.rows, round_up(used, ROW_QUANTUM))
 
     def _index(self, members: list[int]) -> torch.Tensor:
         """The device index of a group of slots, made once per membership (a copy to the device is a sync on CUDA)."""
