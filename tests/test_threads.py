@@ -163,3 +163,13 @@ def test_generate_verbose_says_how_many_threads_and_why():
     chosen = run_calm(*args, env={"CALM_THREADS": ""})
     assert chosen.returncode == 0, chosen.stderr
     assert re.search(r"^\d+ threads? \((all cores idle|\d+ of \d+ cores busy)\)$", chosen.stderr, re.M), chosen.stderr
+
+
+def test_a_thread_count_torch_cannot_take_is_a_usage_error(monkeypatch):
+    """torch.set_num_threads takes a C int: 2^31 overflowed into a ValueError (found by the fuzz test)."""
+    with pytest.raises(UsageError, match="--threads must be at most 4096, got 2147483648"):
+        requested_threads(2**31)
+    monkeypatch.setenv("CALM_THREADS", "5000")
+    with pytest.raises(UsageError, match=r"\$CALM_THREADS must be at most 4096"):
+        requested_threads(None)
+    assert requested_threads(threads.MAX_THREADS) == ThreadChoice(threads.MAX_THREADS, "--threads")

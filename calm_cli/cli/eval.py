@@ -60,12 +60,13 @@ def eval_(
     set_threads(threads)
     # Under torchrun each process scores a share of the batches on its own device; rank 0 reports.
     ranks, local = setup(None if device == "auto" else device)
+    report = None
     try:
         loaded = load_for_cli(str(path), str(local) if ranks.world > 1 else device, dtype)
         report = evaluate(loaded, data, max_docs=max_docs, max_tokens=max_tokens, seed=seed, batch_size=batch_size,
                           console=err if ranks.main else None, rank=ranks.rank, world=ranks.world)
     finally:
-        teardown(ranks)
+        teardown(ranks, finished=report is not None)
     if ranks.main:
         report["model"] = str(path)
         sys.stdout.write(json.dumps(report) + "\n" if as_json else format_report(report))

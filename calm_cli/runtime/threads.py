@@ -23,6 +23,7 @@ from ..errors import UsageError
 
 BUSY_SLACK = 0.2  # cores of other work that still leave a core idle: a shell, a monitor, a finished job's last tick
 MIN_WINDOW_S = 0.05  # the shortest window worth reading (5 clock ticks per core); waited for only when torch was already loaded
+MAX_THREADS = 4096  # the most --threads or $CALM_THREADS may ask for
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ class LoadWindow:
 
 
 def requested_threads(threads: int | None) -> ThreadChoice | None:
-    """--threads, else $CALM_THREADS, else None (decide from the load); a count below 1 is a usage error."""
+    """--threads, else $CALM_THREADS, else None (decide from the load); a count outside 1..MAX_THREADS is a usage error."""
     source = "--threads"
     if threads is None:
         raw = os.environ.get("CALM_THREADS")
@@ -140,4 +141,6 @@ def requested_threads(threads: int | None) -> ThreadChoice | None:
         source = "$CALM_THREADS"
     if threads < 1:
         raise UsageError(f"{source} must be at least 1, got {threads}")
+    if threads > MAX_THREADS:  # torch takes a C int, and no machine calm runs on has this many cores
+        raise UsageError(f"{source} must be at most {MAX_THREADS}, got {threads}")
     return ThreadChoice(threads, source)

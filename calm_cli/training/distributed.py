@@ -57,8 +57,14 @@ def setup(device: str | None) -> tuple[Ranks, torch.device]:
     return Ranks(dist.get_rank(), world), local
 
 
-def teardown(ranks: Ranks) -> None:
+def teardown(ranks: Ranks, finished: bool = True) -> None:
+    """Leave the process group. After a run that finished, every rank first waits for the others
+    (rank 0 may still be writing its checkpoint): a rank that tore gloo down under a peer's work
+    could abort at exit ("terminate called without an active exception"). After an error no
+    rank waits, since the others may never arrive."""
     if ranks.world > 1 and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -318,12 +318,15 @@ def train(
     existing = resume_point(options)
     torch.set_num_threads(options.threads or LoadWindow().close(torch.get_num_threads()).count)
     ranks, device = distributed.setup(options.device)
+    finished = False
     try:
-        return _run(kind, options, out, existing, ranks, device, train_tokens, heldout_tokens, config, autoencoder, tokenizer)
+        result = _run(kind, options, out, existing, ranks, device, train_tokens, heldout_tokens, config, autoencoder, tokenizer)
+        finished = True
+        return result
     except torch.cuda.OutOfMemoryError:
         raise CalmError("out of device memory: lower --batch-size (and raise --grad-accum), or share the model out with --shard under torchrun") from None
     finally:
-        distributed.teardown(ranks)
+        distributed.teardown(ranks, finished)
 
 
 def _run(
